@@ -1,0 +1,1 @@
+//! virtio-vsock device, Firecracker-style hybrid Unix-socket backend.
