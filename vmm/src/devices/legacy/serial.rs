@@ -1,0 +1,142 @@
+//! 16550 serial console (vm-superio) on COM1. Output goes to a log file the
+//! user can read; lines are scanned for boot markers and kernel panics.
+//! The THRE interrupt goes through an irqfd, so user-space writes to the
+//! tty (interrupt driven) appear too, not only polled printk output.
+
+use std::fs::File;
+use std::io::{self, Write};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use super::IrqfdTrigger;
+use crate::bus::BusDevice;
+use crate::exit::ExitSignal;
+use crate::timing::BootClock;
+
+/// Longest line kept for marker scanning; the guest controls the output,
+/// so the buffer is bounded (longer lines are still logged, just not
+/// scanned past this).
+const MAX_LINE: usize = 4096;
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+
+/// Where console output goes.
+pub struct ConsoleLog {
+    file: Option<File>,
+    line: Vec<u8>,
+    clock: BootClock,
+    exit: ExitSignal,
+}
+
+impl ConsoleLog {
+    pub fn new(file: Option<File>, clock: BootClock, exit: ExitSignal) -> Self {
+        Self {
+            file,
+            line: Vec::with_capacity(256),
+            clock,
+            exit,
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = String::from_utf8_lossy(&self.line);
+        self.clock.observe_console_line(&line);
+        if line.contains(PANIC_MARKER) {
+            tracing::error!(console = %line.trim_end(), "guest kernel panic");
+            self.exit.note_panic(&line);
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                self.end_line();
+            } else if self.line.len() < MAX_LINE {
+                self.line.push(b);
+            }
+        }
+        if let Some(f) = self.file.as_mut() {
+            // A full disk must not stop the guest: log once and drop output.
+            if let Err(e) = f.write_all(buf) {
+                tracing::warn!("console log write failed, console output dropped: {e}");
+                self.file = None;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+pub struct SerialConsole(Serial<IrqfdTrigger, NoEvents, ConsoleLog>);
+
+impl SerialConsole {
+    pub fn new(irq: IrqfdTrigger, out: ConsoleLog) -> Self {
+        Self(Serial::new(irq, out))
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.0.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.0.write(off, b) {
+                tracing::warn!("serial write at offset {off}: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::ExitReason;
+    use std::time::Instant;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn output_reaches_the_log_and_markers_are_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let clock = BootClock::new(Instant::now());
+        let exit = ExitSignal::new();
+        let log = ConsoleLog::new(Some(File::create(&path).unwrap()), clock.clone(), exit.clone());
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut serial = SerialConsole::new(IrqfdTrigger(irq.try_clone().unwrap()), log);
+        // Enable the THRE interrupt (IER bit 1), as the 8250 driver does.
+        serial.write(1, &[0x02]);
+        let _ = irq.read();
+        for &b in b"Run /init as init process\nKernel panic - not syncing: test\n" {
+            serial.write(0, &[b]);
+        }
+        assert!(irq.read().unwrap() > 0, "THRE interrupt raised");
+        assert!(clock.marks().init_started.is_some());
+        exit.exit(ExitReason::GuestReset);
+        assert!(matches!(exit.reason(), Some(ExitReason::GuestPanic(_))));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("Run /init"));
+    }
+
+    #[test]
+    fn endless_line_is_bounded() {
+        let mut log = ConsoleLog::new(None, BootClock::default(), ExitSignal::new());
+        for _ in 0..100 {
+            log.write_all(&[b'x'; 1000]).unwrap();
+        }
+        assert!(log.line.len() <= MAX_LINE);
+    }
+}
