@@ -1,1 +1,201 @@
-//! Agent protocol.
+//! Ember agent protocol: the ttrpc service `ember.agent.v1.Agent` spoken
+//! between the host (shim / VMM) and the in-guest agent over virtio-vsock.
+//!
+//! The protocol itself, including how stdio streams work, is documented in
+//! `proto/agent.proto`. This crate exports:
+//! - [`agent`]: the generated protobuf messages (`HealthRequest`, ...);
+//! - [`agent_ttrpc`]: the generated async ttrpc client
+//!   ([`agent_ttrpc::AgentClient`]), server trait ([`agent_ttrpc::Agent`],
+//!   implement it with `#[ember_proto::async_trait]`) and the service
+//!   constructor ([`agent_ttrpc::create_agent`]);
+//! - [`client`]: host-side helpers to wrap an already-connected stream into
+//!   a client.
+
+/// Generated protobuf messages of `agent.proto`.
+#[allow(
+    unknown_lints,
+    clippy::all,
+    clippy::pedantic,
+    unused_attributes,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    trivial_casts,
+    unused_results,
+    unused_mut
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// Generated async ttrpc client and server glue of `agent.proto`.
+#[allow(
+    unknown_lints,
+    clippy::all,
+    clippy::pedantic,
+    unused_attributes,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    trivial_casts,
+    unused_results,
+    unused_mut,
+    unused_imports
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub mod client;
+
+/// The `#[async_trait]` attribute the generated [`agent_ttrpc::Agent`]
+/// trait is declared with; implementations must use the same one.
+pub use async_trait::async_trait;
+pub use ttrpc;
+
+/// vsock port the agent's ttrpc server listens on (any CID).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// First vsock port the agent hands out for stdio streams.
+pub const STDIO_PORT_BASE: u32 = 2000;
+
+/// Version of the wire protocol in `agent.proto`; reported by `Version`.
+/// Bump on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Fully qualified ttrpc service name.
+pub const SERVICE_NAME: &str = "ember.agent.v1.Agent";
+
+/// Conversions between [`agent::Timestamp`] and [`std::time::SystemTime`].
+pub mod time {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use crate::agent::Timestamp;
+
+    /// The timestamp of a system time. Times before the epoch are encoded
+    /// with negative seconds and non-negative nanos, like
+    /// google.protobuf.Timestamp.
+    pub fn to_timestamp(t: SystemTime) -> Timestamp {
+        let mut ts = Timestamp::new();
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => {
+                ts.seconds = d.as_secs() as i64;
+                ts.nanos = d.subsec_nanos() as i32;
+            }
+            Err(e) => {
+                let d = e.duration();
+                let mut secs = -(d.as_secs() as i64);
+                let mut nanos = d.subsec_nanos() as i32;
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                ts.seconds = secs;
+                ts.nanos = nanos;
+            }
+        }
+        ts
+    }
+
+    /// The system time of a timestamp, or `None` if `nanos` is out of
+    /// `0..1_000_000_000` or the value does not fit a `SystemTime`.
+    pub fn from_timestamp(ts: &Timestamp) -> Option<SystemTime> {
+        if !(0..1_000_000_000).contains(&ts.nanos) {
+            return None;
+        }
+        let nanos = Duration::from_nanos(ts.nanos as u64);
+        if ts.seconds >= 0 {
+            UNIX_EPOCH
+                .checked_add(Duration::from_secs(ts.seconds as u64))?
+                .checked_add(nanos)
+        } else {
+            UNIX_EPOCH
+                .checked_sub(Duration::from_secs(ts.seconds.unsigned_abs()))?
+                .checked_add(nanos)
+        }
+    }
+
+    /// Current wall-clock time as a timestamp.
+    pub fn now() -> Timestamp {
+        to_timestamp(SystemTime::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use protobuf::Message;
+
+    use super::agent::*;
+    use super::time::*;
+
+    #[test]
+    fn timestamp_round_trip() {
+        for t in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
+            UNIX_EPOCH - Duration::new(5, 250_000_000),
+        ] {
+            let ts = to_timestamp(t);
+            assert!((0..1_000_000_000).contains(&ts.nanos));
+            assert_eq!(from_timestamp(&ts), Some(t));
+        }
+        let ts = to_timestamp(UNIX_EPOCH - Duration::new(5, 250_000_000));
+        assert_eq!((ts.seconds, ts.nanos), (-6, 750_000_000));
+    }
+
+    #[test]
+    fn timestamp_rejects_bad_nanos() {
+        let mut ts = Timestamp::new();
+        ts.nanos = 1_000_000_000;
+        assert_eq!(from_timestamp(&ts), None);
+        ts.nanos = -1;
+        assert_eq!(from_timestamp(&ts), None);
+    }
+
+    #[test]
+    fn messages_encode_and_decode() {
+        let mut req = CreateContainerRequest::new();
+        req.container_id = "c1".into();
+        req.oci_spec = br#"{"ociVersion":"1.1.0"}"#.to_vec();
+        let mut m = Mount::new();
+        m.fstype = "virtiofs".into();
+        m.source = "ember-shared".into();
+        m.options = vec!["ro".into()];
+        req.rootfs.push(m);
+        let mut stdio = Stdio::new();
+        stdio.stdout = true;
+        stdio.terminal = true;
+        req.stdio = Some(stdio).into();
+
+        let bytes = req.write_to_bytes().unwrap();
+        let back = CreateContainerRequest::parse_from_bytes(&bytes).unwrap();
+        assert_eq!(back, req);
+        assert!(back.stdio.terminal);
+
+        let mut h = HealthResponse::new();
+        h.status = health_response::Status::SERVING.into();
+        let back = HealthResponse::parse_from_bytes(&h.write_to_bytes().unwrap()).unwrap();
+        assert_eq!(
+            back.status.enum_value(),
+            Ok(health_response::Status::SERVING)
+        );
+    }
+
+    #[test]
+    fn garbage_does_not_panic() {
+        // Truncated / random input must give an error, never a panic.
+        for input in [
+            &[0xffu8, 0xff, 0xff][..],
+            &[0x0a, 0x10, 0x41][..],
+            &[0x12][..],
+        ] {
+            let _ = CreateContainerRequest::parse_from_bytes(input);
+        }
+    }
+}
