@@ -9,6 +9,7 @@
 
 pub mod mmio;
 pub mod vsock;
+#[cfg(test)] pub(crate) mod test_utils;
 
 use std::sync::Arc;
 
