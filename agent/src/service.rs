@@ -1,0 +1,418 @@
+//! The `ember.agent.v1.Agent` ttrpc service.
+//!
+//! Implemented: Health, Version, SetTime, Shutdown. Every other method
+//! answers UNIMPLEMENTED for now.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use ember_proto::agent::*;
+use ember_proto::agent_ttrpc::Agent;
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::{Code, Error as TtrpcError};
+
+use crate::reaper::Reaper;
+
+/// Whether SetTime really sets the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockControl {
+    /// `clock_settime(CLOCK_REALTIME)` (PID 1 in the VM).
+    Real,
+    /// Validate and log only (test mode: never touch the host's clock).
+    DryRun,
+}
+
+/// Service configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub clock: ClockControl,
+    /// How long after answering Shutdown the shutdown signal fires, so the
+    /// reply can leave the guest first.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Configuration for PID 1 in the VM.
+    pub fn init() -> Config {
+        Config {
+            clock: ClockControl::Real,
+            shutdown_grace: Duration::from_millis(200),
+        }
+    }
+
+    /// Configuration for host-side tests.
+    pub fn test() -> Config {
+        Config {
+            clock: ClockControl::DryRun,
+            shutdown_grace: Duration::from_millis(20),
+        }
+    }
+}
+
+struct State {
+    config: Config,
+    reaper: Reaper,
+    shutting_down: AtomicBool,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+}
+
+/// The agent service. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentService {
+    state: Arc<State>,
+}
+
+/// Resolves once Shutdown has been answered (plus the grace period).
+pub struct ShutdownSignal {
+    rx: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ShutdownSignal {
+    /// Wait for the shutdown request. Also returns if the service is gone.
+    pub async fn requested(&mut self) {
+        let _ = self.rx.wait_for(|v| *v).await;
+    }
+}
+
+impl AgentService {
+    pub fn new(config: Config, reaper: Reaper) -> (AgentService, ShutdownSignal) {
+        let (shutdown_tx, rx) = tokio::sync::watch::channel(false);
+        let svc = AgentService {
+            state: Arc::new(State {
+                config,
+                reaper,
+                shutting_down: AtomicBool::new(false),
+                shutdown_tx,
+            }),
+        };
+        (svc, ShutdownSignal { rx })
+    }
+
+    /// The child reaper shared with the service (for process methods).
+    pub fn reaper(&self) -> &Reaper {
+        &self.state.reaper
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.state.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// A ttrpc error status.
+pub fn rpc_error(code: Code, msg: impl ToString) -> TtrpcError {
+    TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+fn not_implemented<T>(method: &str) -> ttrpc::Result<T> {
+    tracing::debug!("{method}: not implemented");
+    Err(rpc_error(
+        Code::UNIMPLEMENTED,
+        format!(
+            "ember-agent {}: {method} is not implemented yet",
+            crate::AGENT_VERSION
+        ),
+    ))
+}
+
+/// `uname -r`, read once.
+pub fn kernel_release() -> &'static str {
+    static RELEASE: OnceLock<String> = OnceLock::new();
+    RELEASE.get_or_init(|| {
+        let mut uts = std::mem::MaybeUninit::<libc::utsname>::zeroed();
+        // SAFETY: uname fills the struct; on failure we do not read it.
+        if unsafe { libc::uname(uts.as_mut_ptr()) } != 0 {
+            return String::from("unknown");
+        }
+        // SAFETY: initialised by a successful uname.
+        let uts = unsafe { uts.assume_init() };
+        // SAFETY: the kernel NUL-terminates the field within its length.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+        release.to_string_lossy().into_owned()
+    })
+}
+
+/// Validate a SetTime request: the time as (seconds, nanos) since the epoch.
+pub fn validate_time(req: &SetTimeRequest) -> ttrpc::Result<(i64, i32)> {
+    let ts = req
+        .time
+        .as_ref()
+        .ok_or_else(|| rpc_error(Code::INVALID_ARGUMENT, "SetTime: time is missing"))?;
+    if ts.seconds < 0 || !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(rpc_error(
+            Code::INVALID_ARGUMENT,
+            format!(
+                "SetTime: invalid time {}s {}ns (need seconds >= 0, 0 <= nanos < 1e9)",
+                ts.seconds, ts.nanos
+            ),
+        ));
+    }
+    Ok((ts.seconds, ts.nanos))
+}
+
+/// Signed difference `new - old` in seconds.
+fn offset_secs(new: SystemTime, old: SystemTime) -> f64 {
+    match new.duration_since(old) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+#[ember_proto::async_trait]
+impl Agent for AgentService {
+    async fn health(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: HealthRequest,
+    ) -> ttrpc::Result<HealthResponse> {
+        let mut r = HealthResponse::new();
+        r.status = if self.is_shutting_down() {
+            health_response::Status::NOT_SERVING
+        } else {
+            health_response::Status::SERVING
+        }
+        .into();
+        Ok(r)
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: VersionRequest,
+    ) -> ttrpc::Result<VersionResponse> {
+        let mut r = VersionResponse::new();
+        r.agent_version = crate::AGENT_VERSION.to_string();
+        r.protocol_version = ember_proto::PROTOCOL_VERSION;
+        r.kernel_release = kernel_release().to_string();
+        Ok(r)
+    }
+
+    async fn set_time(&self, _ctx: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
+        let (secs, nanos) = validate_time(&req)?;
+        let new = SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nanos as u32);
+        let before = SystemTime::now();
+        match self.state.config.clock {
+            ClockControl::Real => {
+                let ts = nix::sys::time::TimeSpec::new(secs, nanos as i64);
+                nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| {
+                    tracing::error!("clock_settime: {e}");
+                    rpc_error(Code::INTERNAL, format!("SetTime: clock_settime: {e}"))
+                })?;
+                tracing::info!(
+                    "clock set to {secs}.{nanos:09} (guest was {:+.3} s off)",
+                    offset_secs(before, new)
+                );
+            }
+            ClockControl::DryRun => tracing::info!(
+                "test mode: would set clock to {secs}.{nanos:09} ({:+.3} s from now)",
+                offset_secs(new, before)
+            ),
+        }
+        Ok(Empty::new())
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        if self.state.shutting_down.swap(true, Ordering::SeqCst) {
+            tracing::info!("Shutdown: already shutting down");
+            return Ok(Empty::new());
+        }
+        tracing::info!("Shutdown requested");
+        // Answer first: fire the signal on a task after a grace period, so
+        // the reply is written to the connection before the VM goes away.
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(state.config.shutdown_grace).await;
+            let _ = state.shutdown_tx.send(true);
+        });
+        Ok(Empty::new())
+    }
+
+    // ---- not implemented yet ----
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        not_implemented("CreateContainer")
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: StartContainerRequest,
+    ) -> ttrpc::Result<StartContainerResponse> {
+        not_implemented("StartContainer")
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        not_implemented("ExecProcess")
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("SignalProcess")
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        not_implemented("WaitProcess")
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        not_implemented("StatsContainer")
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("UpdateContainer")
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: PauseContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("PauseContainer")
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ResumeContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("ResumeContainer")
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("RemoveContainer")
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        not_implemented("ListProcesses")
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ResizePtyRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("ResizePty")
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("CloseStdin")
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GetOOMEventRequest,
+    ) -> ttrpc::Result<OOMEvent> {
+        not_implemented("GetOOMEvent")
+    }
+
+    async fn update_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: UpdateInterfacesRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("UpdateInterfaces")
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("UpdateRoutes")
+    }
+
+    async fn set_dns(&self, _ctx: &TtrpcContext, _req: SetDnsRequest) -> ttrpc::Result<Empty> {
+        not_implemented("SetDns")
+    }
+
+    async fn set_hostname(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: SetHostnameRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("SetHostname")
+    }
+
+    async fn add_mounts(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: AddMountsRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("AddMounts")
+    }
+
+    async fn seed_entropy(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: SeedEntropyRequest,
+    ) -> ttrpc::Result<Empty> {
+        not_implemented("SeedEntropy")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(seconds: i64, nanos: i32) -> SetTimeRequest {
+        let mut ts = Timestamp::new();
+        ts.seconds = seconds;
+        ts.nanos = nanos;
+        let mut r = SetTimeRequest::new();
+        r.time = Some(ts).into();
+        r
+    }
+
+    #[test]
+    fn set_time_validation() {
+        assert_eq!(
+            validate_time(&req(1_700_000_000, 5)).unwrap(),
+            (1_700_000_000, 5)
+        );
+        assert!(validate_time(&req(-1, 0)).is_err());
+        assert!(validate_time(&req(0, 1_000_000_000)).is_err());
+        assert!(validate_time(&req(0, -1)).is_err());
+        assert!(validate_time(&SetTimeRequest::new()).is_err());
+    }
+
+    #[test]
+    fn kernel_release_is_nonempty() {
+        assert!(!kernel_release().is_empty());
+    }
+}
