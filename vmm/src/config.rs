@@ -1,0 +1,108 @@
+//! The typed description of a microVM.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::x86_64::cpuid::CpuTemplate;
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::memory::MIN_MEM_MIB;
+
+/// Lowest CID a guest may have (0-2 are reserved: hypervisor, local, host).
+pub const MIN_GUEST_CID: u32 = 3;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VsockConfig {
+    /// The guest's context id.
+    pub guest_cid: u32,
+    /// Host side of the hybrid vsock: connect here and write
+    /// `CONNECT <port>\n`; guest connections to host port P go to
+    /// `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// Uncompressed ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// Uncompressed newc cpio.
+    pub initrd: Option<PathBuf>,
+    /// Appended to the kernel command line the VMM builds.
+    #[serde(default)]
+    pub cmdline_extra: String,
+    pub vsock: Option<VsockConfig>,
+    /// Guest console output goes here (appended); none: discarded.
+    pub console_log: Option<PathBuf>,
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, not {0}")]
+    Vcpus(u8),
+    #[error("guest memory of {0} MiB is too small (at least {MIN_MEM_MIB} MiB)")]
+    MemTooSmall(u32),
+    #[error("guest memory of {0} MiB is more than this VMM supports (1 TiB)")]
+    MemTooLarge(u32),
+    #[error("vsock guest CID {0} is reserved (use {MIN_GUEST_CID} or more)")]
+    Cid(u32),
+}
+
+impl VmConfig {
+    /// A config with the usual defaults: 1 vCPU, 128 MiB, auto template.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            vcpus: 1,
+            mem_mib: 128,
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline_extra: String::new(),
+            vsock: None,
+            console_log: None,
+            cpu_template: CpuTemplate::Auto,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::MemTooSmall(self.mem_mib));
+        }
+        if self.mem_mib > 1 << 20 {
+            return Err(ConfigError::MemTooLarge(self.mem_mib));
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < MIN_GUEST_CID {
+                return Err(ConfigError::Cid(v.guest_cid));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut c = VmConfig::new("/k");
+        assert!(c.validate().is_ok());
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        c.vcpus = 2;
+        c.mem_mib = 8;
+        assert!(c.validate().unwrap_err().to_string().contains("too small"));
+        c.mem_mib = 128;
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/tmp/x".into(),
+        });
+        assert_eq!(c.validate(), Err(ConfigError::Cid(2)));
+    }
+}

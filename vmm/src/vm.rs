@@ -1,0 +1,373 @@
+//! A running microVM: builds it from a [`VmConfig`], runs its vCPUs, waits
+//! for its end and tears it down leaving nothing behind.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::cpuid::{self, CpuTemplate};
+use crate::arch::x86_64::layout::{
+    I8042_PORT_BASE, I8042_PORT_LEN, IRQ_MAX, KVM_TSS_ADDRESS, SERIAL_IRQ, SERIAL_PORT_BASE,
+    SERIAL_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
+use crate::arch::x86_64::{boot, mptable, regs};
+use crate::bus::Bus;
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{ConsoleLog, SerialConsole};
+use crate::devices::legacy::IrqfdTrigger;
+use crate::devices::virtio::mmio::{cmdline_device, MmioInterrupt, MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::VirtioDevice;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::{GuestRam, MemoryError};
+use crate::timing::{BootClock, BootTimings};
+use crate::vcpu::{register_kick_handler, Vcpu, VcpuHandle};
+
+/// Kernel parameters every Ember guest gets. `reboot=k` makes a reboot or
+/// power-off go through the i8042 reset, which ends the VM; `panic=1`
+/// turns a kernel panic into that reset after one second.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule \
+i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?): {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("KVM {op}: {source}")]
+    KvmOp {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error("vCPU setup: {0}")]
+    Regs(#[from] regs::RegsError),
+    #[error("console log {path}: {source}")]
+    ConsoleLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("virtio-mmio transport: {0}")]
+    Mmio(String),
+    #[error("too many devices: no IRQ left above {IRQ_MAX}")]
+    OutOfIrqs,
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM build task failed: {0}")]
+    Join(String),
+}
+
+fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmOp { op, source }
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// A virtio device placed on the MMIO bus.
+struct MmioSlot {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+}
+
+/// A running microVM.
+pub struct Vm {
+    config: VmConfig,
+    template: CpuTemplate,
+    cmdline: String,
+    exit: ExitSignal,
+    clock: BootClock,
+    vcpus: Vec<VcpuHandle>,
+    devices: Vec<MmioSlot>,
+    // Dropped last, in this order: the VM fd (its irqfds and ioeventfds go
+    // with it), then guest memory.
+    vm_fd: Option<VmFd>,
+    ram: Option<GuestRam>,
+    torn_down: bool,
+}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs. Setup is blocking work (KVM
+    /// ioctls, reading the kernel), so it runs on tokio's blocking pool.
+    pub async fn start(config: VmConfig) -> Result<Vm, VmError> {
+        tokio::task::spawn_blocking(move || Vm::build(config))
+            .await
+            .map_err(|e| VmError::Join(e.to_string()))?
+    }
+
+    /// The blocking builder behind [`Vm::start`]. On error, everything
+    /// created so far is released before returning.
+    pub fn build(config: VmConfig) -> Result<Vm, VmError> {
+        let setup_started = Instant::now();
+        config.validate()?;
+        let template = config.cpu_template.resolve();
+        tracing::info!(
+            cpu_template = %template,
+            vcpus = config.vcpus,
+            mem_mib = config.mem_mib,
+            kernel = %config.kernel.display(),
+            "building microVM"
+        );
+        let exit = ExitSignal::new();
+        let clock = BootClock::new(setup_started);
+        let mut vm = Vm {
+            config: config.clone(),
+            template,
+            cmdline: String::new(),
+            exit: exit.clone(),
+            clock: clock.clone(),
+            vcpus: Vec::new(),
+            devices: Vec::new(),
+            vm_fd: None,
+            ram: None,
+            torn_down: false,
+        };
+        // If anything below fails, `vm` is dropped and tears down what exists.
+        vm.setup(setup_started)?;
+        Ok(vm)
+    }
+
+    fn setup(&mut self, setup_started: Instant) -> Result<(), VmError> {
+        let config = self.config.clone();
+        register_kick_handler().map_err(io("installing the vCPU kick signal handler"))?;
+
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_op("CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_op("SET_TSS_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm_op("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_op("CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(config.mem_mib)?;
+        ram.register(&vm_fd)?;
+        let mem = ram.mem.clone();
+        self.ram = Some(ram);
+
+        let (entry, kernel_end) = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&mem, path, kernel_end)?),
+            None => None,
+        };
+
+        // Legacy devices on port I/O.
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let console_file = match &config.console_log {
+            Some(path) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmError::ConsoleLog {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io("serial irqfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_op("IRQFD (serial)"))?;
+        let console = ConsoleLog::new(console_file, self.clock.clone(), self.exit.clone());
+        let serial = SerialConsole::new(IrqfdTrigger(serial_irq), console);
+        pio.insert(Arc::new(Mutex::new(serial)), SERIAL_PORT_BASE, SERIAL_PORT_LEN)
+            .map_err(|e| VmError::Mmio(e.to_string()))?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(self.exit.clone()))),
+            I8042_PORT_BASE,
+            I8042_PORT_LEN,
+        )
+        .map_err(|e| VmError::Mmio(e.to_string()))?;
+
+        // virtio-mmio devices, announced on the command line.
+        let mut cmdline_devices = Vec::new();
+        let mut virtio: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+        if let Some(vs) = &config.vsock {
+            let dev = Vsock::new(u64::from(vs.guest_cid), vs.uds_path.clone())?;
+            virtio.push(Arc::new(Mutex::new(dev)));
+        }
+        for (i, device) in virtio.into_iter().enumerate() {
+            let base = VIRTIO_MMIO_START + (i as u64) * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + i as u32;
+            if irq > IRQ_MAX {
+                return Err(VmError::OutOfIrqs);
+            }
+            self.devices.push(MmioSlot {
+                device: device.clone(),
+            });
+            let interrupt = MmioInterrupt::new().map_err(io("virtio irqfd"))?;
+            vm_fd
+                .register_irqfd(interrupt.irqfd(), irq)
+                .map_err(kvm_op("IRQFD (virtio)"))?;
+            let transport = MmioTransport::new(mem.clone(), device, interrupt)
+                .map_err(|e| VmError::Mmio(e.to_string()))?;
+            for (q, evt) in transport.queue_evts().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
+                    .map_err(kvm_op("IOEVENTFD"))?;
+            }
+            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
+                .map_err(|e| VmError::Mmio(e.to_string()))?;
+            cmdline_devices.push(cmdline_device(base, VIRTIO_MMIO_SIZE, irq));
+        }
+
+        let mut cmdline = BASE_CMDLINE.to_string();
+        for part in [self.template.kernel_params(), cmdline_devices.join(" ")]
+            .iter()
+            .chain(std::iter::once(&config.cmdline_extra))
+        {
+            if !part.trim().is_empty() {
+                cmdline.push(' ');
+                cmdline.push_str(part.trim());
+            }
+        }
+        boot::configure_system(&mem, &cmdline, initrd)?;
+        mptable::setup_mptable(&mem, config.vcpus)?;
+        regs::setup_boot_tables(&mem)?;
+        tracing::debug!(%cmdline, "kernel command line");
+        self.cmdline = cmdline;
+
+        // vCPUs: create and configure all before starting any.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_op("GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for id in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_op("CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::apply(&mut cpuid, self.template, id, config.vcpus);
+            fd.set_cpuid2(&cpuid).map_err(kvm_op("SET_CPUID2"))?;
+            regs::setup_vcpu(&fd, (id == 0).then_some(entry))?;
+            vcpus.push(Vcpu {
+                fd,
+                id,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: self.exit.clone(),
+                clock: self.clock.clone(),
+                inject_breakpoints: self.template.injects_breakpoints(),
+            });
+        }
+        self.vm_fd = Some(vm_fd);
+        for vcpu in vcpus {
+            let handle = vcpu.spawn().map_err(io("spawning a vCPU thread"))?;
+            self.vcpus.push(handle);
+        }
+        tracing::info!(
+            setup_ms = setup_started.elapsed().as_millis() as u64,
+            "microVM started"
+        );
+        Ok(())
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The CPU template in use (`auto` resolved).
+    pub fn cpu_template(&self) -> CpuTemplate {
+        self.template
+    }
+
+    /// The full kernel command line the guest got.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    pub fn timings(&self) -> BootTimings {
+        self.clock.marks().timings()
+    }
+
+    pub fn clock(&self) -> &BootClock {
+        &self.clock
+    }
+
+    /// Why the VM ended, if it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.reason()
+    }
+
+    /// Waits for the guest to end (reset, panic, failure) or for
+    /// [`Vm::stop`].
+    pub async fn wait(&self) -> ExitReason {
+        self.exit.wait().await
+    }
+
+    /// Tells the VM to stop; [`Vm::shutdown`] still has to be called.
+    pub fn stop(&self) {
+        self.exit.exit(ExitReason::Stopped);
+    }
+
+    /// Guest memory size and how much of it the guest has touched (pages
+    /// allocated in the memfd).
+    pub fn guest_memory_usage(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let ram = self.ram.as_ref()?;
+        let blocks = ram.file.metadata().ok()?.blocks();
+        Some((ram.size, blocks * 512))
+    }
+
+    /// Stops the vCPUs and devices and releases everything: threads, fds,
+    /// sockets and the guest memory mapping. Returns why the VM ended.
+    pub async fn shutdown(mut self) -> ExitReason {
+        let reason = tokio::task::spawn_blocking(move || {
+            self.teardown();
+            self.exit.reason().unwrap_or(ExitReason::Stopped)
+        })
+        .await;
+        reason.unwrap_or(ExitReason::Stopped)
+    }
+
+    fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        self.exit.exit(ExitReason::Stopped);
+        for vcpu in &mut self.vcpus {
+            vcpu.stop_and_join();
+        }
+        self.vcpus.clear();
+        for slot in self.devices.drain(..) {
+            let mut dev = slot.device.lock().unwrap_or_else(|p| p.into_inner());
+            dev.shutdown();
+        }
+        self.vm_fd = None;
+        self.ram = None;
+        tracing::info!(reason = ?self.exit.reason(), "microVM torn down");
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
