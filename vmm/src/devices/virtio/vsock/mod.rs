@@ -1,1 +1,144 @@
 //! virtio-vsock device, Firecracker-style hybrid Unix-socket backend.
+//!
+//! Layout (modelled on Firecracker's `devices/virtio/vsock/`):
+//! - [`device`]: the [`Vsock`] virtio device (queues, config space, worker
+//!   thread and its epoll loop);
+//! - [`muxer`]: routes guest packets to connections, accepts host
+//!   connections on the Unix listener, schedules what goes to the guest;
+//! - [`csm`]: the per-connection state machine and credit accounting;
+//! - [`packet`]: the packet header and reading/writing packets from/to
+//!   descriptor chains (parsing through the `virtio-vsock` crate);
+//! - [`unix`]: the host-side Unix listener and socket helpers;
+//! - [`client`]: the async host-side helper [`connect_hybrid`].
+//!
+//! Hybrid vsock: a host process connects to the device's Unix socket
+//! `uds_path` and writes `CONNECT <port>\n`; once the guest accepted, the
+//! device answers `OK <hostport>\n` and the stream carries the connection's
+//! bytes. A guest connecting to host CID 2 port `P` is connected to the Unix
+//! socket `<uds_path>_P`.
+
+pub mod client;
+mod csm;
+pub mod device;
+mod muxer;
+pub mod packet;
+mod unix;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use client::{connect_hybrid, connect_hybrid_timeout, ConnectError};
+pub use device::Vsock;
+
+/// The host's CID (virtio spec 5.10: CID 2 is the host).
+pub const VSOCK_HOST_CID: u64 = 2;
+
+/// Errors building or controlling the vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The guest CID is reserved (0, 1, 2 and `u32::MAX` are not usable).
+    #[error("invalid guest CID {0}: CIDs 0, 1, 2 and 0xffffffff are reserved")]
+    InvalidCid(u64),
+    /// A live listener already answers on the socket path.
+    #[error("vsock socket path {} is already in use by a live listener", .0.display())]
+    AddrInUse(PathBuf),
+    /// Something that is not a socket is in the way at the socket path.
+    #[error("vsock socket path {} exists and is not a Unix socket", .0.display())]
+    NotASocket(PathBuf),
+    /// The path does not fit in a `sockaddr_un`.
+    #[error("vsock socket path {} is too long for a Unix socket", .0.display())]
+    PathTooLong(PathBuf),
+    /// Binding (or cleaning a stale socket before binding) failed.
+    #[error("cannot bind vsock socket {}: {source}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating an eventfd or epoll instance failed.
+    #[error("vsock device setup: {0}")]
+    Setup(#[source] std::io::Error),
+    /// The device has been shut down for good.
+    #[error("the vsock device has been shut down")]
+    ShutDown,
+}
+
+/// Timeouts of the hybrid backend. The defaults follow Firecracker where it
+/// has one; tests shorten them.
+#[derive(Clone, Copy, Debug)]
+pub struct VsockTimeouts {
+    /// How long a host client may take to send its whole `CONNECT <port>\n`
+    /// line after connecting to the Unix socket.
+    pub connect_line: Duration,
+    /// How long the guest has to answer a host-initiated REQUEST (counted
+    /// from the moment the REQUEST was put in the guest's RX queue).
+    pub guest_response: Duration,
+    /// How long the guest has to answer our SHUTDOWN with RST (and how long
+    /// buffered guest data may take to drain to a host that stopped
+    /// reading when the guest asked to close) before we force an RST.
+    pub shutdown: Duration,
+}
+
+impl Default for VsockTimeouts {
+    fn default() -> Self {
+        Self {
+            connect_line: Duration::from_secs(5),
+            guest_response: Duration::from_secs(2),
+            shutdown: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Rate limiter for warnings caused by the guest or a host peer: at most
+/// `PER_SEC` a second, then one summary line of how many were suppressed.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    window_start: std::time::Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const PER_SEC: u32 = 20;
+
+    pub(crate) fn new() -> Self {
+        Self {
+            window_start: std::time::Instant::now(),
+            count: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether one more warning may be logged now.
+    pub(crate) fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                tracing::warn!("vsock: {} similar warnings suppressed", self.suppressed);
+            }
+            self.window_start = now;
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        if self.count < Self::PER_SEC {
+            self.count += 1;
+            true
+        } else {
+            self.suppressed = self.suppressed.saturating_add(1);
+            false
+        }
+    }
+}
+
+/// `tracing::warn!` through a [`LogLimiter`].
+macro_rules! warn_rl {
+    ($lim:expr, $($arg:tt)*) => {
+        if $lim.allow() {
+            tracing::warn!($($arg)*);
+        }
+    };
+}
+pub(crate) use warn_rl;
