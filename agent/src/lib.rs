@@ -21,6 +21,7 @@ pub mod power;
 pub mod reaper;
 pub mod server;
 pub mod service;
+pub mod transport;
 
 use std::path::PathBuf;
 

@@ -6,21 +6,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::Server;
 
 use crate::service::AgentService;
+use crate::transport::Coalescing;
 
 /// `vsock://<any cid>:1024`, the address the agent serves in the VM.
 pub fn vsock_address() -> String {
     format!("vsock://-1:{}", ember_proto::AGENT_VSOCK_PORT)
 }
 
-/// Build the server for `service` on `listener` (not started yet).
+/// Wrap every connection `listener` accepts in [`Coalescing`] (one write
+/// per ttrpc frame, buffered reads).
+pub fn coalescing(listener: Listener) -> Listener {
+    Listener::new(listener.map(|conn| conn.map(Coalescing::new)))
+}
+
+/// Build the server for `service` on `listener` (not started yet). Every
+/// accepted connection is wrapped with [`coalescing`].
 pub fn build(service: AgentService, listener: Listener) -> Server {
     Server::new()
         .register_service(ember_proto::agent_ttrpc::create_agent(Arc::new(service)))
-        .add_listener(listener)
+        .add_listener(coalescing(listener))
 }
 
 /// Build and start the server; it accepts connections on spawned tasks.

@@ -1,5 +1,8 @@
 //! The `ember-agent` binary on the host: refuses to run when not PID 1, and
 //! with EMBER_AGENT_TEST_LISTEN serves on a Unix socket until Shutdown.
+//!
+//! Set `EMBER_AGENT_TEST_BIN=<path>` to run these against another build of
+//! the agent, e.g. the static `/init` of the initrd.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -8,11 +11,14 @@ use std::time::Duration;
 use ember_proto::agent::*;
 use ember_proto::client::{context, AgentClient};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ember-agent");
+fn bin() -> String {
+    std::env::var("EMBER_AGENT_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ember-agent").into())
+}
 
 #[test]
 fn refuses_when_not_pid1() {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .env_remove("EMBER_AGENT_TEST_LISTEN")
         .output()
         .unwrap();
@@ -29,7 +35,7 @@ fn test_mode_serves_until_shutdown() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("agent.sock");
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .env("EMBER_AGENT_TEST_LISTEN", &sock)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
