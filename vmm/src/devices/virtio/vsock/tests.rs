@@ -48,9 +48,17 @@ impl VirtioInterrupt for CountingIrq {
 
 /// One virtqueue seen from the driver; descriptor `i` owns the buffer at
 /// `buf_base + i * slot`.
+///
+/// The descriptor table is written through `MockSplitQueue`, but the
+/// available and used rings are placed and accessed here: the mock's own
+/// ring layout (virtio-queue 0.17) puts the used ring right after the first
+/// `len` *bytes* of the available ring, so the two overlap once more than
+/// half the queue has been made available.
 struct Vq {
     q: MockSplitQueue<'static, GuestMemoryMmap>,
     mem: &'static GuestMemoryMmap,
+    avail_addr: u64,
+    used_addr: u64,
     buf_base: u64,
     slot: u64,
     free: Vec<u16>,
@@ -60,9 +68,14 @@ struct Vq {
 
 impl Vq {
     fn new(mem: &'static GuestMemoryMmap, addr: u64, buf_base: u64, slot: u64) -> Self {
+        let q = MockSplitQueue::create(mem, GuestAddress(addr), QSIZE);
+        let avail_addr = addr + 16 * u64::from(QSIZE);
+        let used_addr = avail_addr + 0x400;
         Self {
-            q: MockSplitQueue::create(mem, GuestAddress(addr), QSIZE),
+            q,
             mem,
+            avail_addr,
+            used_addr,
             buf_base,
             slot,
             free: (0..QSIZE).rev().collect(),
@@ -108,36 +121,38 @@ impl Vq {
         Some(idx)
     }
 
+    fn queue(&self) -> Queue {
+        use virtio_queue::QueueT;
+        let mut q: Queue = self.q.create_queue().unwrap();
+        q.set_avail_ring_address(Some(self.avail_addr as u32), Some(0));
+        q.set_used_ring_address(Some(self.used_addr as u32), Some(0));
+        q
+    }
+
     fn push_avail(&mut self, head: u16) {
-        let avail = self.q.avail();
-        let i = avail.idx().load();
-        avail
-            .ring()
-            .ref_at(usize::from(i % QSIZE))
-            .unwrap()
-            .store(head);
+        let idx_addr = GuestAddress(self.avail_addr + 2);
+        let i: u16 = self.mem.read_obj(idx_addr).unwrap();
+        let slot = self.avail_addr + 4 + 2 * u64::from(i % QSIZE);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
         std::sync::atomic::fence(Ordering::SeqCst);
-        avail.idx().store(i.wrapping_add(1));
+        self.mem.write_obj(i.wrapping_add(1), idx_addr).unwrap();
         std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// New used entries: (descriptor indices of the chain, used len).
     fn take_used(&mut self) -> Vec<(Vec<u16>, u32)> {
         std::sync::atomic::fence(Ordering::SeqCst);
-        let used = self.q.used();
-        let idx = used.idx().load();
+        let idx: u16 = self.mem.read_obj(GuestAddress(self.used_addr + 2)).unwrap();
+        std::sync::atomic::fence(Ordering::SeqCst);
         let mut out = Vec::new();
         while self.last_used != idx {
-            let e = used
-                .ring()
-                .ref_at(usize::from(self.last_used % QSIZE))
-                .unwrap()
-                .load();
+            let e = self.used_addr + 4 + 8 * u64::from(self.last_used % QSIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
             self.last_used = self.last_used.wrapping_add(1);
-            let head = e.id() as u16;
-            let chain = self.chains.remove(&head).unwrap_or_default();
+            let chain = self.chains.remove(&(id as u16)).unwrap_or_default();
             self.free.extend(chain.iter().copied());
-            out.push((chain, e.len()));
+            out.push((chain, len));
         }
         out
     }
@@ -167,7 +182,7 @@ impl Guest {
         let ev = Vq::new(mem, 0x8000, 0xF0_0000, 0x100);
         let queues: Vec<Queue> = [&rx, &tx, &ev]
             .iter()
-            .map(|v| v.q.create_queue::<Queue>().unwrap())
+            .map(|v| v.queue())
             .collect();
         let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
         let dev_evts = kicks.iter().map(|e| e.try_clone().unwrap()).collect();
@@ -253,9 +268,16 @@ impl Guest {
         }
     }
 
-    /// Publishes a raw TX chain (for malformed-chain tests) and kicks.
-    fn send_chain(&mut self, parts: &[(Option<u64>, u32, u16)]) -> Vec<u16> {
+    /// Publishes a raw TX chain (for malformed-chain tests) and kicks;
+    /// `hdr` goes into the first descriptor's buffer (no stale header from
+    /// an earlier packet must be replayed).
+    fn send_chain(&mut self, hdr: Header, parts: &[(Option<u64>, u32, u16)]) -> Vec<u16> {
         let idx = self.reserve_tx(parts);
+        // At most 44 bytes into the slot of the first descriptor (slots are
+        // larger than that whatever the descriptor's len says).
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(self.tx.buf(idx[0])))
+            .unwrap();
         self.tx.push_avail(idx[0]);
         self.kicks[1].write(1).unwrap();
         idx
@@ -772,6 +794,10 @@ fn vanished_host_peer_gives_rst() {
         }
     }
     assert!(saw_rst);
+    // Later RWs for the dead connection got their own RSTs.
+    while let Some((h, _)) = g.recv_within(Duration::from_millis(50)) {
+        assert_eq!(h.op, OP_RST);
+    }
     // Still serving.
     establish_host_initiated(&mut g, &path, 1);
 }
@@ -784,13 +810,21 @@ fn malformed_chains_and_garbage_headers() {
     g.add_rx(8);
     let (mut s, local) = establish_host_initiated(&mut g, &path, 20);
 
+    // Every malformed chain carries a header for the live connection: were
+    // it accepted, its bytes would reach the host and break the check below.
+    let mut rw = g.hdr(OP_RW, 20, local);
+    rw.len = 64;
     // Write-only header descriptor.
-    g.send_chain(&[(None, HDR_SIZE as u32, F_WRITE)]);
+    g.send_chain(rw, &[(None, HDR_SIZE as u32, F_WRITE), (None, 64, 0)]);
     // Header descriptor too short.
-    g.send_chain(&[(None, 10, 0)]);
-    // Address outside guest memory.
-    g.send_chain(&[(Some(0xffff_0000_0000), HDR_SIZE as u32, 0)]);
-    g.send_chain(&[(None, HDR_SIZE as u32, 0), (Some(u64::MAX - 8), 64, 0)]);
+    g.send_chain(rw, &[(None, 10, 0), (None, 64, 0)]);
+    // Addresses outside guest memory.
+    g.send_chain(rw, &[(Some(0xffff_0000_0000), HDR_SIZE as u32, 0), (None, 64, 0)]);
+    g.send_chain(rw, &[(None, HDR_SIZE as u32, 0), (Some(u64::MAX - 8), 64, 0)]);
+    // Data descriptor that is device-writable.
+    g.send_chain(rw, &[(None, HDR_SIZE as u32, 0), (None, 64, F_WRITE)]);
+    // Header without its data descriptor.
+    g.send_chain(rw, &[(None, HDR_SIZE as u32, 0)]);
     // Header says 1000 bytes, data buffer holds 10.
     let mut h = g.hdr(OP_RW, 20, local);
     h.len = 1000;
@@ -804,8 +838,6 @@ fn malformed_chains_and_garbage_headers() {
     let mut h = g.hdr(OP_RW, 20, local);
     h.len = u32::MAX;
     g.send_raw_hdr(h, b"tiny");
-    // Data descriptor that is device-writable.
-    g.send_chain(&[(None, HDR_SIZE as u32, 0), (None, 64, F_WRITE)]);
     // A descriptor loop: a -> b -> a.
     {
         let a = g.tx.free.pop().unwrap();
@@ -1018,6 +1050,14 @@ fn client_helper() {
     assert_eq!(&client.join().unwrap(), b"ping!");
     let (_, d) = g.expect_op(OP_RW);
     assert_eq!(d, b"pong");
+    // The client closed: SHUTDOWN (SEND, then both); the guest answers RST.
+    loop {
+        let (h, _) = g.expect_op(OP_SHUTDOWN);
+        if h.flags == SHUTDOWN_BOTH {
+            g.send(g.hdr(OP_RST, 50, h.src_port), &[]);
+            break;
+        }
+    }
 
     // Refused by the guest.
     let p = path.clone();
