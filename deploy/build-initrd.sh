@@ -4,6 +4,9 @@
 #
 #   /init           the static ember-agent (mode 0755), PID 1 of the VM
 #   /dev/console    char 5,1: init's stdin/stdout/stderr before devtmpfs
+#   /dev/null       char 1,3: Rust's runtime reopens closed fds 0-2 on
+#                   /dev/null before main and ABORTS if it cannot (PID 1
+#                   aborting = kernel panic), e.g. when there is no console
 #   /proc /sys /dev /run /tmp /etc   empty mount points / directories
 #
 # The agent is built in release mode for the baseline x86-64 target (never
@@ -25,8 +28,9 @@
 #   CARGO_TARGET_DIR  honoured like cargo does
 #
 # Needs: cargo, cpio (GNU, newc), file; strip (binutils) optional; mknod
-# needs root, otherwise fakeroot is used if installed, else /dev/console is
-# left out (the agent then opens it itself once devtmpfs is mounted).
+# needs root, otherwise fakeroot is used if installed, else the device
+# nodes are left out (with a warning: the agent then relies on the kernel
+# and opens /dev/console itself once devtmpfs is mounted).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -88,6 +92,7 @@ pack() {
     local root="$1" archive="$2" want_console="$3"
     if [ "$want_console" = 1 ]; then
         mknod -m 0600 "$root/dev/console" c 5 1
+        mknod -m 0666 "$root/dev/null" c 1 3
     fi
     find "$root" -exec touch -h -d @0 {} +
     local repro=()
@@ -104,7 +109,7 @@ if [ "$(id -u)" = 0 ]; then
 elif command -v fakeroot >/dev/null; then
     fakeroot -- bash -c "$(declare -f pack); pack \"\$@\"" pack "$root" "$archive" 1
 else
-    log "not root and no fakeroot: leaving /dev/console out of the archive"
+    log "WARNING: not root and no fakeroot: leaving /dev/console and /dev/null out of the archive"
     pack "$root" "$archive" 0
 fi
 

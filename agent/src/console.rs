@@ -25,23 +25,31 @@ pub fn line(msg: &str) {
     let _ = out.flush();
 }
 
-/// Whether `fd` is open.
-pub fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only queries the descriptor flags.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+/// Whether `fd` is closed or /dev/null (char 1:3). Rust's runtime puts
+/// /dev/null on closed fds 0-2 before `main` (and aborts if it cannot, so
+/// the initrd ships a /dev/null node).
+pub fn fd_is_missing(fd: RawFd) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat writes into `st`; we only read it on success.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return true;
+    }
+    // SAFETY: initialised by a successful fstat.
+    let st = unsafe { st.assume_init() };
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
 }
 
-/// Whether fds 0, 1 and 2 are all open.
-pub fn stdio_is_open() -> bool {
-    (0..=2).all(fd_is_open)
+/// Whether stdout is a real output (not closed, not /dev/null).
+pub fn stdout_is_usable() -> bool {
+    !fd_is_missing(1)
 }
 
-/// Open /dev/console and install it on every fd of 0..=2 that is not open.
-/// Needed only when the kernel could not open a console for init (no
-/// /dev/console in the initramfs); call it after devtmpfs is mounted.
+/// Open /dev/console and install it on every fd of 0..=2 that is closed or
+/// /dev/null. Needed only when the kernel could not give init a console;
+/// call it after devtmpfs is mounted.
 pub fn attach_console() -> std::io::Result<()> {
     use std::os::fd::IntoRawFd;
-    let missing: Vec<RawFd> = (0..=2).filter(|fd| !fd_is_open(*fd)).collect();
+    let missing: Vec<RawFd> = (0..=2).filter(|fd| fd_is_missing(*fd)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -52,7 +60,7 @@ pub fn attach_console() -> std::io::Result<()> {
         .into_raw_fd();
     for fd in missing {
         if fd != console {
-            // SAFETY: dup2 onto a descriptor we know to be closed.
+            // SAFETY: dup2 onto a descriptor that is closed or /dev/null.
             if unsafe { libc::dup2(console, fd) } == -1 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -63,4 +71,23 @@ pub fn attach_console() -> std::io::Result<()> {
         unsafe { libc::close(console) };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn missing_means_closed_or_dev_null() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(fd_is_missing(null.as_raw_fd()));
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(!fd_is_missing(file.as_raw_fd()));
+        let closed = file.as_raw_fd();
+        drop(file);
+        drop(null);
+        assert!(fd_is_missing(closed));
+    }
 }

@@ -40,13 +40,14 @@ pub fn main() {
 
 /// PID 1: never returns and never exits (that would panic the kernel).
 fn init_main() -> ! {
-    let console_ok = console::stdio_is_open();
+    let console_ok = console::stdout_is_usable();
     if console_ok {
         console::line(console::STARTED);
     }
     let outcomes = mounts::mount_early();
     if !console_ok {
-        // No console from the kernel: use devtmpfs' /dev/console.
+        // No console from the kernel (stdout closed or /dev/null): try
+        // devtmpfs' /dev/console.
         if console::attach_console().is_ok() {
             console::line(console::STARTED);
         }
