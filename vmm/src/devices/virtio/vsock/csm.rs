@@ -23,7 +23,7 @@ use super::packet::{
     Header, MAX_PKT_DATA, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST,
     OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use super::unix::send_nosignal;
+use super::unix::{is_hung_up, send_nosignal};
 use super::{warn_rl, LogLimiter, VsockTimeouts, VSOCK_HOST_CID};
 
 /// Receive buffer we advertise to the guest (`buf_alloc`), per connection.
@@ -502,6 +502,9 @@ impl Connection {
                         Ok(0) => {
                             self.host_eof = true;
                             self.readable = false;
+                            // Half or full close? The epoll event telling
+                            // may not have been processed yet.
+                            self.host_hup |= is_hung_up(&self.stream);
                             self.reevaluate(now, t);
                             break;
                         }

@@ -589,7 +589,9 @@ fn bulk_data_both_ways_respects_credit() {
     let reader = std::thread::spawn(move || {
         let mut got = vec![0u8; TOTAL];
         reader_s.read_exact(&mut got).unwrap();
-        got
+        // Kept open until the end: closing it would (rightly) make the
+        // device send SHUTDOWN.
+        (got, reader_s)
     });
 
     let mut hdr = g.hdr(OP_RW, port, local);
@@ -647,7 +649,7 @@ fn bulk_data_both_ways_respects_credit() {
         }
     }
     writer.join().unwrap();
-    let got = reader.join().unwrap();
+    let (got, _keep) = reader.join().unwrap();
     assert!(received.iter().enumerate().all(|(i, b)| *b == pattern(i, 1)));
     assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i, 2)));
 }

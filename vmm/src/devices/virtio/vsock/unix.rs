@@ -194,3 +194,17 @@ pub(crate) fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize
         }
     }
 }
+
+/// Whether both directions of `stream` are shut (the peer closed it, or it
+/// half-closed and we shut our write side): `POLLHUP` right now.
+pub(crate) fn is_hung_up(stream: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd that outlives the call, the count
+    // is 1 and the timeout 0, so poll does not block.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc > 0 && pfd.revents & libc::POLLHUP != 0
+}
