@@ -44,12 +44,13 @@ pub enum ConnectError {
 ///
 /// Waits as long as the guest takes; see [`connect_hybrid_timeout`].
 pub async fn connect_hybrid(uds_path: &Path, port: u32) -> Result<UnixStream, ConnectError> {
-    let mut stream = UnixStream::connect(uds_path)
-        .await
-        .map_err(|source| ConnectError::Connect {
-            path: uds_path.to_path_buf(),
-            source,
-        })?;
+    let mut stream =
+        UnixStream::connect(uds_path)
+            .await
+            .map_err(|source| ConnectError::Connect {
+                path: uds_path.to_path_buf(),
+                source,
+            })?;
     let io_err = |source| ConnectError::Io { port, source };
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())

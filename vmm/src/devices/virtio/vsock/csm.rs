@@ -24,7 +24,7 @@ use super::packet::{
     OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use super::unix::{is_hung_up, send_nosignal};
-use super::{warn_rl, LogLimiter, VsockTimeouts, VSOCK_HOST_CID};
+use super::{deadline, warn_rl, LogLimiter, VsockTimeouts, VSOCK_HOST_CID};
 
 /// Receive buffer we advertise to the guest (`buf_alloc`), per connection.
 pub(crate) const BUF_ALLOC: u32 = 256 * 1024;
@@ -285,7 +285,13 @@ impl Connection {
         }
     }
 
-    fn on_guest_data(&mut self, data: &[u8], now: Instant, t: &VsockTimeouts, log: &mut LogLimiter) {
+    fn on_guest_data(
+        &mut self,
+        data: &[u8],
+        now: Instant,
+        t: &VsockTimeouts,
+        log: &mut LogLimiter,
+    ) {
         if data.is_empty() {
             return;
         }
@@ -372,7 +378,7 @@ impl Connection {
                 return;
             }
         } else if self.peer_shutdown == SHUTDOWN_BOTH && self.expiry.is_none() {
-            self.expiry = Some(now + t.shutdown);
+            self.expiry = Some(deadline(now, t.shutdown));
         }
         // Host -> guest direction.
         let host_done = self.host_eof || (self.host_hup && self.peer_shutdown & SHUTDOWN_RCV != 0);
@@ -464,7 +470,7 @@ impl Connection {
                 if self.pend_request {
                     self.pend_request = false;
                     self.announced = true;
-                    self.expiry = Some(now + t.guest_response);
+                    self.expiry = Some(deadline(now, t.guest_response));
                     Some(self.header(OP_REQUEST, 0, 0))
                 } else {
                     None
@@ -542,7 +548,7 @@ impl Connection {
             self.sent_shutdown |= flags;
             if flags == SHUTDOWN_BOTH {
                 // The guest should answer with RST; if not, we send one.
-                self.expiry = Some(now + t.shutdown);
+                self.expiry = Some(deadline(now, t.shutdown));
             }
             return Some(self.header(OP_SHUTDOWN, flags, 0));
         }

@@ -92,6 +92,14 @@ impl Default for VsockTimeouts {
     }
 }
 
+/// `now + d`, saturating far in the future instead of panicking on an
+/// absurd timeout.
+pub(crate) fn deadline(now: std::time::Instant, d: Duration) -> std::time::Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// Rate limiter for warnings caused by the guest or a host peer: at most
 /// `PER_SEC` a second, then one summary line of how many were suppressed.
 #[derive(Debug)]

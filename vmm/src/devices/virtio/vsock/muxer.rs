@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::csm::{Connection, StreamEvent};
 use super::packet::{Header, MAX_PKT_DATA, OP_REQUEST, OP_RST, TYPE_STREAM};
 use super::unix::{connect_nonblocking, HostListener};
-use super::{warn_rl, LogLimiter, VsockTimeouts, VSOCK_HOST_CID};
+use super::{deadline, warn_rl, LogLimiter, VsockTimeouts, VSOCK_HOST_CID};
 
 /// Epoll token of the listener; tokens below [`FIRST_DYNAMIC_TOKEN`] are
 /// reserved for the device.
@@ -205,7 +205,7 @@ impl Muxer {
                 Handshake {
                     stream,
                     line: Vec::with_capacity(MAX_CONNECT_LINE),
-                    deadline: now + self.timeouts.connect_line,
+                    deadline: deadline(now, self.timeouts.connect_line),
                 },
             );
             // Edge-triggered: read what is already there.
@@ -475,7 +475,8 @@ impl Muxer {
                         continue;
                     };
                     conn.in_rxq = false;
-                    let out = conn.fill_rx(cap, &mut self.scratch, now, &self.timeouts, &mut self.log);
+                    let out =
+                        conn.fill_rx(cap, &mut self.scratch, now, &self.timeouts, &mut self.log);
                     if conn.is_dead() {
                         self.remove_conn(key);
                     } else if out.is_some() && conn.wants_rx() {

@@ -101,9 +101,7 @@ impl Vq {
         if self.free.len() < parts.len() {
             return None;
         }
-        let idx: Vec<u16> = (0..parts.len())
-            .map(|_| self.free.pop().unwrap())
-            .collect();
+        let idx: Vec<u16> = (0..parts.len()).map(|_| self.free.pop().unwrap()).collect();
         for (i, (addr, len, flags)) in parts.iter().enumerate() {
             let last = i + 1 == parts.len();
             let addr = addr.unwrap_or(self.buf(idx[i]));
@@ -114,7 +112,10 @@ impl Vq {
             };
             self.q
                 .desc_table()
-                .store(idx[i], RawDescriptor::from(SplitDescriptor::new(addr, *len, flags, next)))
+                .store(
+                    idx[i],
+                    RawDescriptor::from(SplitDescriptor::new(addr, *len, flags, next)),
+                )
                 .unwrap();
         }
         self.chains.insert(idx[0], idx.clone());
@@ -180,11 +181,10 @@ impl Guest {
         let rx = Vq::new(mem, 0x0, 0x10_0000, 0x1100);
         let tx = Vq::new(mem, 0x4000, 0x20_0000, 0x1_0100);
         let ev = Vq::new(mem, 0x8000, 0xF0_0000, 0x100);
-        let queues: Vec<Queue> = [&rx, &tx, &ev]
-            .iter()
-            .map(|v| v.queue())
+        let queues: Vec<Queue> = [&rx, &tx, &ev].iter().map(|v| v.queue()).collect();
+        let kicks: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
             .collect();
-        let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
         let dev_evts = kicks.iter().map(|e| e.try_clone().unwrap()).collect();
         let irq = Arc::new(CountingIrq(AtomicUsize::new(0)));
         dev.activate(mem.clone(), irq.clone(), queues, dev_evts)
@@ -263,7 +263,10 @@ impl Guest {
             if let Some(idx) = self.tx.reserve(parts) {
                 return idx;
             }
-            assert!(Instant::now() < deadline, "device does not return TX chains");
+            assert!(
+                Instant::now() < deadline,
+                "device does not return TX chains"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -386,16 +389,14 @@ fn read_line(s: &mut UnixStream) -> String {
     }
 }
 
-/// Reads until EOF; panics on timeout.
+/// The next read gives EOF (or a reset); panics on data or timeout.
 fn expect_eof(s: &mut UnixStream) {
     let mut buf = [0u8; 256];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => panic!("expected EOF, got {n} bytes"),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
-            Err(e) => panic!("expected EOF, got {e}"),
-        }
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected EOF, got {n} bytes"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected EOF, got {e}"),
     }
 }
 
@@ -510,7 +511,12 @@ fn malformed_or_slow_connect_line_closes_stream() {
     let (mut dev, path) = device(dir.path());
     let mut g = Guest::start(&mut dev);
     g.add_rx(4);
-    for bad in [&b"HELLO\n"[..], b"CONNECT x\n", b"CONNECT 99999999999\n", &[b'A'; 100]] {
+    for bad in [
+        &b"HELLO\n"[..],
+        b"CONNECT x\n",
+        b"CONNECT 99999999999\n",
+        &[b'A'; 100],
+    ] {
         let mut s = host_stream(&path);
         s.write_all(bad).unwrap();
         expect_eof(&mut s);
@@ -605,7 +611,12 @@ fn bulk_data_both_ways_respects_credit() {
     let mut dev_buf = BUF_ALLOC;
     let deadline = Instant::now() + Duration::from_secs(20);
     while received.len() < TOTAL || sent < TOTAL {
-        assert!(Instant::now() < deadline, "bulk transfer stalled: rx {} tx {}", received.len(), sent);
+        assert!(
+            Instant::now() < deadline,
+            "bulk transfer stalled: rx {} tx {}",
+            received.len(),
+            sent
+        );
         let mut progress = false;
         while let Some((h, d)) = g.try_recv() {
             progress = true;
@@ -650,7 +661,10 @@ fn bulk_data_both_ways_respects_credit() {
     }
     writer.join().unwrap();
     let (got, _keep) = reader.join().unwrap();
-    assert!(received.iter().enumerate().all(|(i, b)| *b == pattern(i, 1)));
+    assert!(received
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(i, 1)));
     assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i, 2)));
 }
 
@@ -821,8 +835,14 @@ fn malformed_chains_and_garbage_headers() {
     // Header descriptor too short.
     g.send_chain(rw, &[(None, 10, 0), (None, 64, 0)]);
     // Addresses outside guest memory.
-    g.send_chain(rw, &[(Some(0xffff_0000_0000), HDR_SIZE as u32, 0), (None, 64, 0)]);
-    g.send_chain(rw, &[(None, HDR_SIZE as u32, 0), (Some(u64::MAX - 8), 64, 0)]);
+    g.send_chain(
+        rw,
+        &[(Some(0xffff_0000_0000), HDR_SIZE as u32, 0), (None, 64, 0)],
+    );
+    g.send_chain(
+        rw,
+        &[(None, HDR_SIZE as u32, 0), (Some(u64::MAX - 8), 64, 0)],
+    );
     // Data descriptor that is device-writable.
     g.send_chain(rw, &[(None, HDR_SIZE as u32, 0), (None, 64, F_WRITE)]);
     // Header without its data descriptor.
@@ -851,10 +871,21 @@ fn malformed_chains_and_garbage_headers() {
             .write_slice(&hl.to_bytes(), GuestAddress(g.tx.buf(a)))
             .unwrap();
         let dt = g.tx.q.desc_table();
-        dt.store(a, RawDescriptor::from(SplitDescriptor::new(g.tx.buf(a), HDR_SIZE as u32, F_NEXT, b)))
-            .unwrap();
-        dt.store(b, RawDescriptor::from(SplitDescriptor::new(g.tx.buf(b), 4, F_NEXT, a)))
-            .unwrap();
+        dt.store(
+            a,
+            RawDescriptor::from(SplitDescriptor::new(
+                g.tx.buf(a),
+                HDR_SIZE as u32,
+                F_NEXT,
+                b,
+            )),
+        )
+        .unwrap();
+        dt.store(
+            b,
+            RawDescriptor::from(SplitDescriptor::new(g.tx.buf(b), 4, F_NEXT, a)),
+        )
+        .unwrap();
         g.tx.chains.insert(a, vec![a, b]);
         g.tx.push_avail(a);
         g.kicks[1].write(1).unwrap();
@@ -995,10 +1026,7 @@ fn transport_reset_event() {
     let mut g = Guest::start(&mut dev);
     g.add_rx(4);
     let (mut s, _) = establish_host_initiated(&mut g, &path, 40);
-    let idx = g
-        .ev
-        .publish(&[(None, 4, F_WRITE)])
-        .unwrap();
+    let idx = g.ev.publish(&[(None, 4, F_WRITE)]).unwrap();
     g.mem
         .write_obj(0xffff_ffffu32, GuestAddress(g.ev.buf(idx[0])))
         .unwrap();
@@ -1068,12 +1096,16 @@ fn client_helper() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(connect_hybrid_timeout(&p, 51, WAIT)).map(|_| ())
+        rt.block_on(connect_hybrid_timeout(&p, 51, WAIT))
+            .map(|_| ())
     });
     let (req, _) = g.expect_op(OP_REQUEST);
     g.send(g.hdr(OP_RST, 51, req.src_port), &[]);
     let err = client.join().unwrap().unwrap_err();
-    assert!(matches!(err, ConnectError::NoListener { port: 51 }), "{err}");
+    assert!(
+        matches!(err, ConnectError::NoListener { port: 51 }),
+        "{err}"
+    );
     assert_eq!(err.to_string(), "no listener on guest vsock port 51");
 
     // The guest never answers (no RX buffers left to see the request).
@@ -1082,7 +1114,10 @@ fn client_helper() {
         .block_on(connect_hybrid_timeout(&path, 52, Duration::from_millis(50)))
         .map(|_| ())
         .unwrap_err();
-    assert!(matches!(err, ConnectError::Timeout { port: 52, .. }), "{err}");
+    assert!(
+        matches!(err, ConnectError::Timeout { port: 52, .. }),
+        "{err}"
+    );
 
     // No device at all.
     let err = rt
