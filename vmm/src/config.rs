@@ -21,6 +21,15 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A host directory served to the guest over virtio-fs, in this process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FsShareConfig {
+    /// The virtio-fs tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
+    pub tag: String,
+    /// The host directory; the guest cannot reach outside it.
+    pub shared_dir: PathBuf,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     pub vcpus: u8,
@@ -33,6 +42,9 @@ pub struct VmConfig {
     #[serde(default)]
     pub cmdline_extra: String,
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares, one device each.
+    #[serde(default)]
+    pub fs_shares: Vec<FsShareConfig>,
     /// Guest console output goes here (appended); none: discarded.
     pub console_log: Option<PathBuf>,
     #[serde(default)]
@@ -61,6 +73,7 @@ impl VmConfig {
             initrd: None,
             cmdline_extra: String::new(),
             vsock: None,
+            fs_shares: Vec::new(),
             console_log: None,
             cpu_template: CpuTemplate::Auto,
         }

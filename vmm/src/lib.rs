@@ -18,7 +18,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use arch::x86_64::cpuid::CpuTemplate;
-pub use config::{VmConfig, VsockConfig};
+pub use config::{FsShareConfig, VmConfig, VsockConfig};
 pub use exit::ExitReason;
 pub use timing::BootTimings;
 pub use vm::{Vm, VmError};
