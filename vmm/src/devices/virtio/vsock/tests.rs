@@ -1108,7 +1108,8 @@ fn client_helper() {
     );
     assert_eq!(err.to_string(), "no listener on guest vsock port 51");
 
-    // The guest never answers (no RX buffers left to see the request).
+    // The guest sees the request but never answers: the client gives up
+    // first (the device would reset it after 150 ms).
     g.refill = false;
     let err = rt
         .block_on(connect_hybrid_timeout(&path, 52, Duration::from_millis(50)))
