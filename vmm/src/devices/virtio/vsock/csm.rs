@@ -208,6 +208,8 @@ impl Connection {
     /// Ends the connection with an RST to the guest (if the guest knows of
     /// it), closing the host stream.
     pub(crate) fn kill(&mut self) {
+        // The host sees EOF now, even if the RST waits for an RX buffer.
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
         self.state = if self.announced {
             State::Killing
         } else {
