@@ -86,7 +86,9 @@ impl Default for VsockTimeouts {
     fn default() -> Self {
         Self {
             connect_line: Duration::from_secs(5),
-            guest_response: Duration::from_secs(2),
+            // Generous: a guest whose ring 0 is emulated can take seconds to
+            // answer while it is busy booting.
+            guest_response: Duration::from_secs(10),
             shutdown: Duration::from_secs(2),
         }
     }
