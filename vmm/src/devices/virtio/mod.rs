@@ -7,6 +7,7 @@
 //! thread (epoll over its queue eventfds and backend fds), so a slow or
 //! hostile guest on one device cannot stall another one or a vCPU.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 #[cfg(test)] pub(crate) mod test_utils;

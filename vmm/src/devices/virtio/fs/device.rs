@@ -1,0 +1,403 @@
+//! The [`VirtioFs`] device: configuration, feature bits and the worker's
+//! lifecycle. The request handling itself is in [`super::worker`].
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuse_backend_rs::passthrough::{self, PassthroughFs};
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::worker::{RequestHandler, Worker, KILL_TOKEN};
+use super::{CONFIG_SPACE_SIZE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
+use crate::devices::virtio::{
+    ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_FS,
+};
+
+/// VIRTIO_F_VERSION_1.
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Name of the worker thread of every virtio-fs device.
+pub(super) const THREAD_NAME: &str = "ember-virtiofs";
+
+/// How the guest may cache file data (the FUSE open flags the backend
+/// returns). See the module documentation for the choice of the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Direct I/O for every file: no guest page cache, no shared writable
+    /// mmap in the guest.
+    Never,
+    /// Close-to-open consistency: the guest drops a file's cached pages when
+    /// it opens it again.
+    #[default]
+    Auto,
+    /// The guest keeps cached pages across opens; only for trees that do not
+    /// change on the host.
+    Always,
+}
+
+impl From<CachePolicy> for passthrough::CachePolicy {
+    fn from(c: CachePolicy) -> Self {
+        match c {
+            CachePolicy::Never => passthrough::CachePolicy::Never,
+            CachePolicy::Auto => passthrough::CachePolicy::Auto,
+            CachePolicy::Always => passthrough::CachePolicy::Always,
+        }
+    }
+}
+
+/// Options of one virtio-fs device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsOptions {
+    /// Data cache policy (default [`CachePolicy::Auto`]).
+    pub cache: CachePolicy,
+    /// How long the guest trusts a directory entry (default 1 s).
+    pub entry_timeout: Duration,
+    /// How long the guest trusts attributes (default 1 s).
+    pub attr_timeout: Duration,
+    /// Serve extended attributes (default off).
+    pub xattr: bool,
+    /// Let the guest cache writes (default off; refused with `Never`).
+    pub writeback: bool,
+    /// Refuse every request that modifies the tree (`EROFS`), whatever the
+    /// guest mount options say (default off).
+    pub read_only: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        Self {
+            cache: CachePolicy::Auto,
+            entry_timeout: Duration::from_secs(1),
+            attr_timeout: Duration::from_secs(1),
+            xattr: false,
+            writeback: false,
+            read_only: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("invalid virtio-fs tag {tag:?}: {why}")]
+    InvalidTag { tag: String, why: &'static str },
+    #[error("shared directory {path}: {source}")]
+    SharedDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("shared directory {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("shared directory {0} is not valid UTF-8")]
+    NonUtf8Path(PathBuf),
+    #[error("invalid virtio-fs options: {0}")]
+    InvalidOptions(&'static str),
+}
+
+/// The running worker of an activated device.
+struct WorkerHandle {
+    kill: EventFd,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// A virtio-fs device exporting one host directory under one tag.
+///
+/// Lifecycle: [`VirtioDevice::activate`] builds a fresh passthrough file
+/// system and starts the worker thread; [`VirtioDevice::reset`] and
+/// [`VirtioDevice::shutdown`] stop and join it, which drops the file system
+/// with every descriptor and inode it held, so the next activation starts
+/// clean (the guest sends FUSE_INIT again). Dropping the device shuts it
+/// down.
+pub struct VirtioFs {
+    tag: String,
+    root: PathBuf,
+    opts: FsOptions,
+    config: [u8; CONFIG_SPACE_SIZE],
+    acked_features: u64,
+    queue_sizes: [u16; NUM_QUEUES],
+    worker: Option<WorkerHandle>,
+}
+
+impl std::fmt::Debug for VirtioFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioFs")
+            .field("tag", &self.tag)
+            .field("root", &self.root)
+            .field("opts", &self.opts)
+            .field("active", &self.worker.is_some())
+            .finish()
+    }
+}
+
+impl VirtioFs {
+    /// Creates the device exporting `shared_dir` (canonicalized now; it must
+    /// be a directory) under `tag` (1 to 36 bytes, no NUL).
+    pub fn new(tag: &str, shared_dir: PathBuf, opts: FsOptions) -> Result<Self, FsError> {
+        if tag.is_empty() {
+            return Err(FsError::InvalidTag {
+                tag: tag.into(),
+                why: "empty",
+            });
+        }
+        if tag.len() > TAG_LEN {
+            return Err(FsError::InvalidTag {
+                tag: tag.into(),
+                why: "longer than 36 bytes",
+            });
+        }
+        if tag.bytes().any(|b| b == 0) {
+            return Err(FsError::InvalidTag {
+                tag: tag.into(),
+                why: "contains a NUL byte",
+            });
+        }
+        if opts.writeback && opts.cache == CachePolicy::Never {
+            return Err(FsError::InvalidOptions(
+                "writeback caching needs cache policy auto or always",
+            ));
+        }
+        let root = shared_dir
+            .canonicalize()
+            .map_err(|source| FsError::SharedDir {
+                path: shared_dir.clone(),
+                source,
+            })?;
+        let meta = std::fs::metadata(&root).map_err(|source| FsError::SharedDir {
+            path: root.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(FsError::NotADirectory(root));
+        }
+        if root.to_str().is_none() {
+            return Err(FsError::NonUtf8Path(root));
+        }
+
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+
+        Ok(Self {
+            tag: tag.to_string(),
+            root,
+            opts,
+            config,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
+            worker: None,
+        })
+    }
+
+    /// The tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The canonical host directory served as the root.
+    pub fn shared_dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// The options the device was created with.
+    pub fn options(&self) -> &FsOptions {
+        &self.opts
+    }
+
+    /// Whether a worker thread is running.
+    pub fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// A fresh backend for one activation.
+    fn build_backend(&self) -> io::Result<PassthroughFs<()>> {
+        let cfg = passthrough::Config {
+            root_dir: self.root.to_string_lossy().into_owned(),
+            cache_policy: self.opts.cache.into(),
+            entry_timeout: self.opts.entry_timeout,
+            attr_timeout: self.opts.attr_timeout,
+            xattr: self.opts.xattr,
+            writeback: self.opts.writeback,
+            // Import the root at FUSE_INIT and validate every name component
+            // (the passthrough skips validation when it is not the top).
+            do_import: true,
+            // Keep O_PATH fds, never open_by_handle_at on guest-influenced
+            // handles.
+            inode_file_handles: false,
+            no_open: false,
+            no_opendir: false,
+            killpriv_v2: false,
+            dax_file_size: None,
+            ..passthrough::Config::default()
+        };
+        PassthroughFs::new(cfg)
+    }
+
+    /// Signals the worker to stop and joins it. Idempotent.
+    fn stop_worker(&mut self) {
+        let Some(w) = self.worker.take() else {
+            return;
+        };
+        w.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = w.kill.write(1) {
+            // The stop flag is still checked between requests and epoll
+            // wakes on queue kicks; log and join anyway.
+            tracing::error!(tag = %self.tag, "virtio-fs: cannot signal the worker: {e}");
+        }
+        if w.thread.join().is_err() {
+            tracing::error!(tag = %self.tag, "virtio-fs: worker thread panicked");
+        }
+        tracing::debug!(tag = %self.tag, "virtio-fs: worker stopped");
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        let Some(end) = start.checked_add(data.len()) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..end) {
+            data.copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The virtio-fs config space is read-only for the driver.
+        tracing::debug!(
+            tag = %self.tag,
+            offset,
+            len = data.len(),
+            "virtio-fs: config write ignored"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+
+        let fs = self.build_backend().map_err(|e| {
+            ActivateError::Backend(format!("passthrough file system for {:?}: {e}", self.root))
+        })?;
+
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
+        for (i, evt) in queue_evts.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(evt),
+                    EpollEvent::new(EventSet::IN, i as u64),
+                )
+                .map_err(ActivateError::Worker)?;
+        }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(&kill),
+                EpollEvent::new(EventSet::IN, KILL_TOKEN),
+            )
+            .map_err(ActivateError::Worker)?;
+        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
+        let stop = Arc::new(AtomicBool::new(false));
+
+        let worker = Worker {
+            tag: self.tag.clone(),
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+            _kill: worker_kill,
+            stop: stop.clone(),
+            epoll,
+            handler: RequestHandler::new(self.tag.clone(), fs, self.opts.read_only),
+        };
+
+        // The worker reports whether it could isolate its umask before it
+        // serves anything; see `Worker::run`.
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
+        let thread = std::thread::Builder::new()
+            .name(THREAD_NAME.to_string())
+            .spawn(move || worker.run(ready_tx))
+            .map_err(ActivateError::Worker)?;
+
+        let started = match ready_rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("worker cannot isolate its fs state: {e}")),
+            Err(_) => Err("worker exited before starting".to_string()),
+        };
+        if let Err(why) = started {
+            stop.store(true, Ordering::SeqCst);
+            let _ = kill.write(1);
+            if thread.join().is_err() {
+                tracing::error!(tag = %self.tag, "virtio-fs: worker thread panicked");
+            }
+            return Err(ActivateError::Backend(why));
+        }
+
+        tracing::info!(
+            tag = %self.tag,
+            root = %self.root.display(),
+            cache = ?self.opts.cache,
+            read_only = self.opts.read_only,
+            "virtio-fs: device activated"
+        );
+        self.worker = Some(WorkerHandle { kill, stop, thread });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop_worker();
+        self.acked_features = 0;
+        true
+    }
+
+    fn shutdown(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl Drop for VirtioFs {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
