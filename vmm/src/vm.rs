@@ -22,6 +22,7 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleLog, SerialConsole};
 use crate::devices::legacy::IrqfdTrigger;
 use crate::devices::virtio::mmio::{cmdline_device, MmioInterrupt, MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::fs::{FsError, FsOptions, VirtioFs};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitReason, ExitSignal};
@@ -63,6 +64,12 @@ pub enum VmError {
     },
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error("virtio-fs share {tag}: {source}")]
+    Fs {
+        tag: String,
+        #[source]
+        source: FsError,
+    },
     #[error("virtio-mmio transport: {0}")]
     Mmio(String),
     #[error("too many devices: no IRQ left above {IRQ_MAX}")]
@@ -210,6 +217,14 @@ impl Vm {
         let mut virtio: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
         if let Some(vs) = &config.vsock {
             let dev = Vsock::new(u64::from(vs.guest_cid), vs.uds_path.clone())?;
+            virtio.push(Arc::new(Mutex::new(dev)));
+        }
+        for share in &config.fs_shares {
+            let dev = VirtioFs::new(&share.tag, share.shared_dir.clone(), FsOptions::default())
+                .map_err(|source| VmError::Fs {
+                    tag: share.tag.clone(),
+                    source,
+                })?;
             virtio.push(Arc::new(Mutex::new(dev)));
         }
         for (i, device) in virtio.into_iter().enumerate() {
