@@ -171,3 +171,4 @@ pub fn process_rss() -> (u64, u64) {
     };
     (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
 }
+pub mod containerd; pub mod image;
