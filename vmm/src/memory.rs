@@ -40,11 +40,22 @@ pub enum MemoryError {
     },
 }
 
-/// Guest RAM and the memfd behind it.
+/// What backs guest RAM.
+pub enum RamBacking {
+    /// A fresh VM: a memfd, mapped shared.
+    Memfd,
+    /// A VM restored from a snapshot: the snapshot's memory file, mapped
+    /// private (copy-on-write; pages stay shared between VMs restored from
+    /// the same file until the guest writes them).
+    SnapshotFile(std::path::PathBuf),
+}
+
+/// Guest RAM and the file behind it.
 pub struct GuestRam {
     pub mem: GuestMemoryMmap,
     pub file: Arc<File>,
     pub size: u64,
+    pub backing: RamBacking,
 }
 
 fn memfd(name: &str) -> Result<File, MemoryError> {
@@ -83,7 +94,41 @@ impl GuestRam {
             })
             .collect();
         let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Mmap)?;
-        Ok(Self { mem, file, size })
+        Ok(Self {
+            mem,
+            file,
+            size,
+            backing: RamBacking::Memfd,
+        })
+    }
+
+    /// Maps a snapshot's memory file copy-on-write as the RAM of a guest of
+    /// `size` bytes. Nothing is read up front: pages fault in on access.
+    pub fn from_snapshot(path: &std::path::Path, size: u64) -> Result<Self, MemoryError> {
+        use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
+        let file = Arc::new(File::open(path).map_err(MemoryError::Memfd)?);
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for (start, len) in ram_regions(size) {
+            let region = MmapRegionBuilder::new(len as usize)
+                .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| MemoryError::Mmap(vm_memory::mmap::FromRangesError::MmapRegion(e)))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or(MemoryError::Mmap(vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;
+            regions.push(region);
+            offset += len;
+        }
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Mmap(e.into()))?;
+        Ok(Self {
+            mem,
+            file,
+            size,
+            backing: RamBacking::SnapshotFile(path.to_path_buf()),
+        })
     }
 
     /// Registers every region with KVM, one slot each.
@@ -112,6 +157,31 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+/// Bytes of private (copy-on-write) pages this process holds in its
+/// mappings of `path`, from /proc/self/smaps.
+pub fn private_dirty_of(path: &std::path::Path) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let name = path.to_string_lossy();
+    let mut in_mapping = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            in_mapping = line.ends_with(name.as_ref());
+        } else if in_mapping && first == "Private_Dirty:" {
+            total += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024;
+        }
+    }
+    total
 }
 
 #[cfg(test)]

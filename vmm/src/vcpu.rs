@@ -6,9 +6,11 @@
 //! `kvm_run`, so a vCPU about to enter (or inside) KVM_RUN returns at once.
 
 use std::cell::Cell;
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -16,6 +18,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::snapshot::{SnapshotError, VcpuState};
 use crate::timing::BootClock;
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -63,31 +66,61 @@ pub struct Vcpu {
     pub exit: ExitSignal,
     pub clock: BootClock,
     pub inject_breakpoints: bool,
+    /// Set by the host to park every vCPU (for a snapshot).
+    pub pause: Arc<AtomicBool>,
+    /// MSRs to save in a snapshot (KVM's index list).
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
+/// What the host asks of a parked vCPU thread.
+enum Request {
+    SaveState,
+    Resume,
+    Stop,
+}
+
+/// What a vCPU thread reports back.
+enum Response {
+    Paused,
+    State(Box<Result<VcpuState, SnapshotError>>),
+    Resumed,
 }
 
 /// A running vCPU thread.
 pub struct VcpuHandle {
     pub id: u8,
     thread: Option<JoinHandle<()>>,
+    requests: Sender<Request>,
+    responses: Receiver<Response>,
 }
 
 impl Vcpu {
     pub fn spawn(self) -> std::io::Result<VcpuHandle> {
         let id = self.id;
+        let (req_tx, req_rx) = channel();
+        let (resp_tx, resp_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu{id}"))
-            .spawn(move || self.run())?;
+            .spawn(move || self.run(req_rx, resp_tx))?;
         Ok(VcpuHandle {
             id,
             thread: Some(thread),
+            requests: req_tx,
+            responses: resp_rx,
         })
     }
 
-    fn run(mut self) {
+    fn run(mut self, requests: Receiver<Request>, responses: Sender<Response>) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|c| c.set(run_ptr));
         tracing::debug!(vcpu = self.id, "vCPU thread started");
         while !self.exit.should_stop() {
+            if self.pause.load(Ordering::SeqCst) {
+                if !self.parked(&requests, &responses) {
+                    break;
+                }
+                continue;
+            }
             if self.id == 0 {
                 self.clock.mark_first_instruction();
             }
@@ -98,6 +131,34 @@ impl Vcpu {
         }
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
         tracing::debug!(vcpu = self.id, "vCPU thread stopped");
+    }
+
+    /// Serves host requests while paused; false when the thread must end.
+    fn parked(&mut self, requests: &Receiver<Request>, responses: &Sender<Response>) -> bool {
+        // An I/O or MMIO exit is only complete once KVM_RUN is entered
+        // again; do that with immediate_exit so the saved state is
+        // consistent (KVM returns EINTR at once).
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        if responses.send(Response::Paused).is_err() {
+            return false;
+        }
+        loop {
+            match requests.recv() {
+                Ok(Request::SaveState) => {
+                    let state = VcpuState::save(&self.fd, self.id, &self.msr_indices);
+                    if responses.send(Response::State(Box::new(state))).is_err() {
+                        return false;
+                    }
+                }
+                Ok(Request::Resume) => {
+                    self.pause.store(false, Ordering::SeqCst);
+                    return responses.send(Response::Resumed).is_ok();
+                }
+                Ok(Request::Stop) | Err(_) => return false,
+            }
+        }
     }
 
     /// Runs the guest until the next exit; returns a reason to end the VM.
@@ -210,9 +271,56 @@ impl Vcpu {
 }
 
 impl VcpuHandle {
-    /// Kicks the thread until it has left KVM_RUN, then joins it. The exit
-    /// signal must already be set.
+    /// Waits for the thread to park after the shared pause flag was set,
+    /// kicking it out of KVM_RUN meanwhile.
+    pub fn wait_paused(&self, timeout: Duration) -> Result<(), SnapshotError> {
+        let deadline = Instant::now() + timeout;
+        let Some(thread) = self.thread.as_ref() else {
+            return Err(SnapshotError::Pause(self.id));
+        };
+        loop {
+            let _ = thread.kill(kick_signal());
+            match self.responses.recv_timeout(Duration::from_millis(5)) {
+                Ok(Response::Paused) => return Ok(()),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
+                Err(_) => return Err(SnapshotError::Pause(self.id)),
+            }
+        }
+    }
+
+    /// Saves the state of a parked vCPU.
+    pub fn save_state(&self) -> Result<VcpuState, SnapshotError> {
+        self.requests
+            .send(Request::SaveState)
+            .map_err(|_| SnapshotError::Pause(self.id))?;
+        loop {
+            match self.responses.recv_timeout(Duration::from_secs(10)) {
+                Ok(Response::State(state)) => return *state,
+                Ok(_) => continue,
+                Err(_) => return Err(SnapshotError::Pause(self.id)),
+            }
+        }
+    }
+
+    /// Lets a parked vCPU run again.
+    pub fn resume(&self) -> Result<(), SnapshotError> {
+        self.requests
+            .send(Request::Resume)
+            .map_err(|_| SnapshotError::Pause(self.id))?;
+        loop {
+            match self.responses.recv_timeout(Duration::from_secs(10)) {
+                Ok(Response::Resumed) => return Ok(()),
+                Ok(_) => continue,
+                Err(_) => return Err(SnapshotError::Pause(self.id)),
+            }
+        }
+    }
+
+    /// Kicks the thread until it has left KVM_RUN (or its parking spot),
+    /// then joins it. The exit signal must already be set.
     pub fn stop_and_join(&mut self) {
+        let _ = self.requests.send(Request::Stop);
         let Some(thread) = self.thread.take() else {
             return;
         };

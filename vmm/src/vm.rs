@@ -3,8 +3,9 @@
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
@@ -26,7 +27,8 @@ use crate::devices::virtio::fs::{FsError, FsOptions, VirtioFs};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{GuestRam, MemoryError, RamBacking};
+use crate::snapshot::{write_memory_file, SnapshotError, SnapshotFiles, SnapshotState, VmState};
 use crate::timing::{BootClock, BootTimings};
 use crate::vcpu::{register_kick_handler, Vcpu, VcpuHandle};
 
@@ -80,6 +82,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("the VMM build task failed: {0}")]
     Join(String),
 }
@@ -92,11 +96,6 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { what, source }
 }
 
-/// A virtio device placed on the MMIO bus.
-struct MmioSlot {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-}
-
 /// A running microVM.
 pub struct Vm {
     config: VmConfig,
@@ -104,13 +103,22 @@ pub struct Vm {
     cmdline: String,
     exit: ExitSignal,
     clock: BootClock,
+    pause: Arc<AtomicBool>,
     vcpus: Vec<VcpuHandle>,
-    devices: Vec<MmioSlot>,
+    serial: Option<Arc<Mutex<SerialConsole>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     // Dropped last, in this order: the VM fd (its irqfds and ioeventfds go
     // with it), then guest memory.
     vm_fd: Option<VmFd>,
     ram: Option<GuestRam>,
     torn_down: bool,
+}
+
+/// How a VM comes to life: a fresh boot, or a snapshot.
+enum Origin<'a> {
+    Boot,
+    Restore(&'a SnapshotState, &'a SnapshotFiles),
 }
 
 impl Vm {
@@ -125,37 +133,101 @@ impl Vm {
     /// The blocking builder behind [`Vm::start`]. On error, everything
     /// created so far is released before returning.
     pub fn build(config: VmConfig) -> Result<Vm, VmError> {
+        let mut vm = Vm::empty(config)?;
+        // If anything below fails, `vm` is dropped and tears down what exists.
+        vm.setup(Origin::Boot)?;
+        Ok(vm)
+    }
+
+    /// Creates a VM from a snapshot taken with [`Vm::snapshot`]. `config`
+    /// gives the new VM's own host resources (vsock socket path, shares,
+    /// console log); its shape must match the snapshot, and `identity` must
+    /// equal the one the snapshot was taken with. Nothing is created if the
+    /// snapshot is refused.
+    pub async fn restore(
+        config: VmConfig,
+        files: SnapshotFiles,
+        identity: String,
+    ) -> Result<Vm, VmError> {
+        tokio::task::spawn_blocking(move || Vm::restore_blocking(config, &files, &identity))
+            .await
+            .map_err(|e| VmError::Join(e.to_string()))?
+    }
+
+    pub fn restore_blocking(
+        config: VmConfig,
+        files: &SnapshotFiles,
+        identity: &str,
+    ) -> Result<Vm, VmError> {
+        let state = SnapshotState::read(&files.state())?;
+        if state.identity != identity {
+            return Err(SnapshotError::Identity {
+                expected: identity.to_string(),
+                found: state.identity,
+            }
+            .into());
+        }
+        let mem_size = u64::from(config.mem_mib) << 20;
+        let mem_path = files.memory();
+        let found = std::fs::metadata(&mem_path)
+            .map_err(|source| SnapshotError::Io {
+                path: mem_path.clone(),
+                source,
+            })?
+            .len();
+        if state.mem_size != mem_size || found != mem_size {
+            return Err(SnapshotError::MemorySize {
+                path: mem_path,
+                found,
+                expected: state.mem_size,
+            }
+            .into());
+        }
+        if state.vcpus.len() != usize::from(config.vcpus) {
+            return Err(SnapshotError::Format(format!(
+                "snapshot has {} vCPUs, the config asks for {}",
+                state.vcpus.len(),
+                config.vcpus
+            ))
+            .into());
+        }
+        let mut vm = Vm::empty(config)?;
+        vm.setup(Origin::Restore(&state, files))?;
+        Ok(vm)
+    }
+
+    fn empty(config: VmConfig) -> Result<Vm, VmError> {
         let setup_started = Instant::now();
         config.validate()?;
         let template = config.cpu_template.resolve();
-        tracing::info!(
-            cpu_template = %template,
-            vcpus = config.vcpus,
-            mem_mib = config.mem_mib,
-            kernel = %config.kernel.display(),
-            "building microVM"
-        );
-        let exit = ExitSignal::new();
-        let clock = BootClock::new(setup_started);
-        let mut vm = Vm {
-            config: config.clone(),
+        Ok(Vm {
+            config,
             template,
             cmdline: String::new(),
-            exit: exit.clone(),
-            clock: clock.clone(),
+            exit: ExitSignal::new(),
+            clock: BootClock::new(setup_started),
+            pause: Arc::new(AtomicBool::new(false)),
             vcpus: Vec::new(),
+            serial: None,
+            transports: Vec::new(),
             devices: Vec::new(),
             vm_fd: None,
             ram: None,
             torn_down: false,
-        };
-        // If anything below fails, `vm` is dropped and tears down what exists.
-        vm.setup(setup_started)?;
-        Ok(vm)
+        })
     }
 
-    fn setup(&mut self, setup_started: Instant) -> Result<(), VmError> {
+    fn setup(&mut self, origin: Origin<'_>) -> Result<(), VmError> {
+        let setup_started = Instant::now();
         let config = self.config.clone();
+        tracing::info!(
+            cpu_template = %self.template,
+            vcpus = config.vcpus,
+            mem_mib = config.mem_mib,
+            kernel = %config.kernel.display(),
+            restore = matches!(origin, Origin::Restore(..)),
+            "building microVM"
+        );
         register_kick_handler().map_err(io("installing the vCPU kick signal handler"))?;
 
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
@@ -170,16 +242,23 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_op("CREATE_PIT2"))?;
 
-        let ram = GuestRam::new(config.mem_mib)?;
+        let ram = match origin {
+            Origin::Boot => GuestRam::new(config.mem_mib)?,
+            Origin::Restore(state, files) => GuestRam::from_snapshot(&files.memory(), state.mem_size)?,
+        };
         ram.register(&vm_fd)?;
         let mem = ram.mem.clone();
         self.ram = Some(ram);
 
-        let (entry, kernel_end) = boot::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, path, kernel_end)?),
-            None => None,
-        };
+        let mut kernel = None;
+        if let Origin::Boot = origin {
+            let (entry, kernel_end) = boot::load_kernel(&mem, &config.kernel)?;
+            let initrd = match &config.initrd {
+                Some(path) => Some(boot::load_initrd(&mem, path, kernel_end)?),
+                None => None,
+            };
+            kernel = Some((entry, initrd));
+        }
 
         // Legacy devices on port I/O.
         let mut pio = Bus::new();
@@ -202,8 +281,18 @@ impl Vm {
             .register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_op("IRQFD (serial)"))?;
         let console = ConsoleLog::new(console_file, self.clock.clone(), self.exit.clone());
-        let serial = SerialConsole::new(IrqfdTrigger(serial_irq), console);
-        pio.insert(Arc::new(Mutex::new(serial)), SERIAL_PORT_BASE, SERIAL_PORT_LEN)
+        let serial = match origin {
+            Origin::Boot => SerialConsole::new(IrqfdTrigger(serial_irq), console),
+            Origin::Restore(state, _) => SerialConsole::from_state(
+                &(&state.serial).into(),
+                IrqfdTrigger(serial_irq),
+                console,
+            )
+            .map_err(SnapshotError::Format)?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.serial = Some(serial.clone());
+        pio.insert(serial, SERIAL_PORT_BASE, SERIAL_PORT_LEN)
             .map_err(|e| VmError::Mmio(e.to_string()))?;
         pio.insert(
             Arc::new(Mutex::new(I8042::new(self.exit.clone()))),
@@ -214,10 +303,15 @@ impl Vm {
 
         // virtio-mmio devices, announced on the command line.
         let mut cmdline_devices = Vec::new();
+        let mut vsock_dev: Option<Arc<Mutex<Vsock>>> = None;
         let mut virtio: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
         if let Some(vs) = &config.vsock {
-            let dev = Vsock::new(u64::from(vs.guest_cid), vs.uds_path.clone())?;
-            virtio.push(Arc::new(Mutex::new(dev)));
+            let dev = Arc::new(Mutex::new(Vsock::new(
+                u64::from(vs.guest_cid),
+                vs.uds_path.clone(),
+            )?));
+            vsock_dev = Some(dev.clone());
+            virtio.push(dev);
         }
         for share in &config.fs_shares {
             let dev = VirtioFs::new(&share.tag, share.shared_dir.clone(), FsOptions::default())
@@ -227,60 +321,103 @@ impl Vm {
                 })?;
             virtio.push(Arc::new(Mutex::new(dev)));
         }
+        if let Origin::Restore(state, _) = origin {
+            if state.devices.len() != virtio.len() {
+                return Err(SnapshotError::Format(format!(
+                    "snapshot has {} virtio devices, the config places {}",
+                    state.devices.len(),
+                    virtio.len()
+                ))
+                .into());
+            }
+        }
         for (i, device) in virtio.into_iter().enumerate() {
             let base = VIRTIO_MMIO_START + (i as u64) * VIRTIO_MMIO_SIZE;
             let irq = VIRTIO_IRQ_BASE + i as u32;
             if irq > IRQ_MAX {
                 return Err(VmError::OutOfIrqs);
             }
-            self.devices.push(MmioSlot {
-                device: device.clone(),
-            });
+            self.devices.push(device.clone());
             let interrupt = MmioInterrupt::new().map_err(io("virtio irqfd"))?;
             vm_fd
                 .register_irqfd(interrupt.irqfd(), irq)
                 .map_err(kvm_op("IRQFD (virtio)"))?;
-            let transport = MmioTransport::new(mem.clone(), device, interrupt)
-                .map_err(|e| VmError::Mmio(e.to_string()))?;
+            let transport = match origin {
+                Origin::Boot => MmioTransport::new(mem.clone(), device, interrupt),
+                Origin::Restore(state, _) => {
+                    MmioTransport::restore(mem.clone(), device, interrupt, &state.devices[i])
+                }
+            }
+            .map_err(|e| VmError::Mmio(e.to_string()))?;
             for (q, evt) in transport.queue_evts().iter().enumerate() {
                 vm_fd
                     .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
                     .map_err(kvm_op("IOEVENTFD"))?;
             }
-            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
+            let transport = Arc::new(Mutex::new(transport));
+            self.transports.push(transport.clone());
+            mmio.insert(transport, base, VIRTIO_MMIO_SIZE)
                 .map_err(|e| VmError::Mmio(e.to_string()))?;
             cmdline_devices.push(cmdline_device(base, VIRTIO_MMIO_SIZE, irq));
         }
 
-        let mut cmdline = BASE_CMDLINE.to_string();
-        for part in [self.template.kernel_params(), cmdline_devices.join(" ")]
-            .iter()
-            .chain(std::iter::once(&config.cmdline_extra))
-        {
-            if !part.trim().is_empty() {
-                cmdline.push(' ');
-                cmdline.push_str(part.trim());
+        match origin {
+            Origin::Boot => {
+                let mut cmdline = BASE_CMDLINE.to_string();
+                for part in [self.template.kernel_params(), cmdline_devices.join(" ")]
+                    .iter()
+                    .chain(std::iter::once(&config.cmdline_extra))
+                {
+                    if !part.trim().is_empty() {
+                        cmdline.push(' ');
+                        cmdline.push_str(part.trim());
+                    }
+                }
+                let (_, initrd) = kernel.unwrap_or((0, None));
+                boot::configure_system(&mem, &cmdline, initrd)?;
+                mptable::setup_mptable(&mem, config.vcpus)?;
+                regs::setup_boot_tables(&mem)?;
+                tracing::debug!(%cmdline, "kernel command line");
+                self.cmdline = cmdline;
+            }
+            Origin::Restore(state, _) => {
+                state.vm.restore(&vm_fd)?;
+                self.cmdline = state.cmdline.clone();
+                // The guest's vsock connections belonged to the VM the
+                // snapshot was taken from: tell the guest to drop them.
+                if let Some(v) = &vsock_dev {
+                    v.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .send_transport_reset()?;
+                }
             }
         }
-        boot::configure_system(&mem, &cmdline, initrd)?;
-        mptable::setup_mptable(&mem, config.vcpus)?;
-        regs::setup_boot_tables(&mem)?;
-        tracing::debug!(%cmdline, "kernel command line");
-        self.cmdline = cmdline;
 
         // vCPUs: create and configure all before starting any.
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_op("GET_SUPPORTED_CPUID"))?;
+        let msr_indices = Arc::new(
+            kvm.get_msr_index_list()
+                .map(|l| l.as_slice().to_vec())
+                .unwrap_or_default(),
+        );
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for id in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_op("CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::apply(&mut cpuid, self.template, id, config.vcpus);
-            fd.set_cpuid2(&cpuid).map_err(kvm_op("SET_CPUID2"))?;
-            regs::setup_vcpu(&fd, (id == 0).then_some(entry))?;
+            match origin {
+                Origin::Boot => {
+                    let mut cpuid = supported.clone();
+                    cpuid::apply(&mut cpuid, self.template, id, config.vcpus);
+                    fd.set_cpuid2(&cpuid).map_err(kvm_op("SET_CPUID2"))?;
+                    regs::setup_vcpu(&fd, (id == 0).then(|| kernel.map(|k| k.0).unwrap_or(0)))?;
+                }
+                Origin::Restore(state, _) => {
+                    state.vcpus[usize::from(id)].restore(&fd)?;
+                }
+            }
             vcpus.push(Vcpu {
                 fd,
                 id,
@@ -289,6 +426,8 @@ impl Vm {
                 exit: self.exit.clone(),
                 clock: self.clock.clone(),
                 inject_breakpoints: self.template.injects_breakpoints(),
+                pause: self.pause.clone(),
+                msr_indices: msr_indices.clone(),
             });
         }
         self.vm_fd = Some(vm_fd);
@@ -299,6 +438,75 @@ impl Vm {
         tracing::info!(
             setup_ms = setup_started.elapsed().as_millis() as u64,
             "microVM started"
+        );
+        Ok(())
+    }
+
+    /// Pauses the VM, writes a snapshot (memory file and state file) into
+    /// `files.dir`, and ends the VM. `identity` is what a later restore
+    /// must present (e.g. a hash of kernel, initrd, agent and config).
+    pub async fn snapshot(self, files: SnapshotFiles, identity: String) -> Result<(), VmError> {
+        tokio::task::spawn_blocking(move || {
+            let mut vm = self;
+            let res = vm.snapshot_blocking(&files, &identity);
+            vm.teardown();
+            res
+        })
+        .await
+        .map_err(|e| VmError::Join(e.to_string()))?
+    }
+
+    fn snapshot_blocking(&mut self, files: &SnapshotFiles, identity: &str) -> Result<(), VmError> {
+        let started = Instant::now();
+        if let Some(reason) = self.exit.reason() {
+            return Err(SnapshotError::Format(format!("the VM has already ended: {reason}")).into());
+        }
+        std::fs::create_dir_all(&files.dir).map_err(|source| SnapshotError::Io {
+            path: files.dir.clone(),
+            source,
+        })?;
+        self.pause.store(true, Ordering::SeqCst);
+        for vcpu in &self.vcpus {
+            vcpu.wait_paused(Duration::from_secs(10))?;
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &self.vcpus {
+            vcpus.push(vcpu.save_state()?);
+        }
+        let vm_fd = self
+            .vm_fd
+            .as_ref()
+            .ok_or_else(|| SnapshotError::Format("VM fd gone".into()))?;
+        let vm_state = VmState::save(vm_fd)?;
+        let serial = self
+            .serial
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state())
+            .unwrap_or_default();
+        let devices = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+            .collect();
+        let ram = self
+            .ram
+            .as_ref()
+            .ok_or_else(|| SnapshotError::Format("guest memory gone".into()))?;
+        write_memory_file(&ram.file, ram.size, &files.memory())?;
+        let state = SnapshotState {
+            identity: identity.to_string(),
+            mem_size: ram.size,
+            cmdline: self.cmdline.clone(),
+            vcpus,
+            vm: vm_state,
+            serial: serial.into(),
+            devices,
+        };
+        state.write(&files.state())?;
+        tracing::info!(
+            dir = %files.dir.display(),
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
         );
         Ok(())
     }
@@ -341,13 +549,21 @@ impl Vm {
         self.exit.exit(ExitReason::Stopped);
     }
 
-    /// Guest memory size and how much of it the guest has touched (pages
-    /// allocated in the memfd).
+    /// Guest memory size and how much host memory the guest uses: pages
+    /// allocated in the memfd of a booted VM, or pages a restored VM wrote
+    /// (its private copies; unwritten pages are shared with the snapshot).
     pub fn guest_memory_usage(&self) -> Option<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;
         let ram = self.ram.as_ref()?;
-        let blocks = ram.file.metadata().ok()?.blocks();
-        Some((ram.size, blocks * 512))
+        match &ram.backing {
+            RamBacking::Memfd => {
+                let blocks = ram.file.metadata().ok()?.blocks();
+                Some((ram.size, blocks * 512))
+            }
+            RamBacking::SnapshotFile(path) => {
+                Some((ram.size, crate::memory::private_dirty_of(path)))
+            }
+        }
     }
 
     /// Stops the vCPUs and devices and releases everything: threads, fds,
@@ -371,10 +587,12 @@ impl Vm {
             vcpu.stop_and_join();
         }
         self.vcpus.clear();
-        for slot in self.devices.drain(..) {
-            let mut dev = slot.device.lock().unwrap_or_else(|p| p.into_inner());
+        for device in self.devices.drain(..) {
+            let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
             dev.shutdown();
         }
+        self.transports.clear();
+        self.serial = None;
         self.vm_fd = None;
         self.ram = None;
         tracing::info!(reason = ?self.exit.reason(), "microVM torn down");

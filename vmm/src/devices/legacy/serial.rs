@@ -82,6 +82,21 @@ impl SerialConsole {
     pub fn new(irq: IrqfdTrigger, out: ConsoleLog) -> Self {
         Self(Serial::new(irq, out))
     }
+
+    /// Recreates the UART with the registers of a snapshot.
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: IrqfdTrigger,
+        out: ConsoleLog,
+    ) -> Result<Self, String> {
+        Serial::from_state(state, irq, NoEvents, out)
+            .map(Self)
+            .map_err(|e| format!("serial state: {e:?}"))
+    }
+
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.0.state()
+    }
 }
 
 impl BusDevice for SerialConsole {

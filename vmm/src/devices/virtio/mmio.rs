@@ -130,6 +130,10 @@ pub enum MmioError {
     EventFd(#[source] io::Error),
     #[error("device declares queue {index} with invalid maximum size {max_size}")]
     InvalidQueueMaxSize { index: usize, max_size: u16 },
+    #[error("snapshot holds a device of type {found} where type {expected} is placed")]
+    SnapshotMismatch { expected: u32, found: u32 },
+    #[error("snapshot queue {index}: {why}")]
+    SnapshotQueue { index: usize, why: String },
 }
 
 /// The interrupt of one virtio-mmio device: the InterruptStatus bits shared
@@ -189,6 +193,18 @@ impl MmioInterrupt {
 
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// Restores InterruptStatus and ConfigGeneration from a snapshot and,
+    /// if an interrupt was pending, raises the line again.
+    fn restore(&self, status: u32, config_generation: u32) -> io::Result<()> {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+        if status != 0 {
+            self.irqfd.write(1)?;
+        }
+        Ok(())
     }
 }
 
@@ -698,6 +714,150 @@ impl MmioTransport {
             let _ = evt.read();
         }
         self.interrupt.clear();
+    }
+}
+
+/// One queue of a transport in a snapshot.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MmioQueueState {
+    pub max_size: u16,
+    pub size: u32,
+    pub ready: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+    /// Ring positions: the device had consumed and completed everything up
+    /// to the used index when it was quiesced.
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// A transport in a snapshot.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MmioState {
+    pub device_type: u32,
+    pub status: u32,
+    pub acked_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<MmioQueueState>,
+}
+
+impl MmioTransport {
+    /// Quiesces the device (its worker stops and drops what it held, as on
+    /// a reset) and returns the transport's state. The device is unusable
+    /// afterwards: this is for a snapshot that ends the VM.
+    ///
+    /// Queue positions come from the used rings in guest memory: the
+    /// devices complete every chain they pop before popping the next, so
+    /// once the worker has stopped, `next_avail == next_used == used.idx`.
+    pub fn save_state(&mut self) -> MmioState {
+        if self.activate_called {
+            let _ = self.lock_device().reset();
+        }
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let used_idx: u16 = if q.ready {
+                    use vm_memory::Bytes;
+                    self.mem
+                        .read_obj(GuestAddress(q.device.wrapping_add(2)))
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                MmioQueueState {
+                    max_size: q.max_size,
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                    next_avail: used_idx,
+                    next_used: used_idx,
+                }
+            })
+            .collect();
+        MmioState {
+            device_type: self.device_type,
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            queues,
+        }
+    }
+
+    /// Recreates a transport from a snapshot and, if the driver had
+    /// activated the device, activates it again with the saved rings.
+    pub fn restore(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        interrupt: MmioInterrupt,
+        state: &MmioState,
+    ) -> Result<Self, MmioError> {
+        let mut t = Self::new(mem, device, interrupt)?;
+        if state.device_type != t.device_type || state.queues.len() != t.queues.len() {
+            return Err(MmioError::SnapshotMismatch {
+                expected: t.device_type,
+                found: state.device_type,
+            });
+        }
+        t.acked_features = state.acked_features;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        for (cfg, q) in t.queues.iter_mut().zip(&state.queues) {
+            cfg.size = q.size;
+            cfg.ready = q.ready;
+            cfg.desc = q.desc;
+            cfg.driver = q.driver;
+            cfg.device = q.device;
+        }
+        t.status = state.status & !status::DRIVER_OK;
+        if state.status & status::DRIVER_OK != 0 {
+            t.activate_restored(state)?;
+        }
+        t.interrupt
+            .restore(state.interrupt_status, state.config_generation)
+            .map_err(MmioError::EventFd)?;
+        Ok(t)
+    }
+
+    fn activate_restored(&mut self, state: &MmioState) -> Result<(), MmioError> {
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, (cfg, qs)) in self.queues.iter().zip(&state.queues).enumerate() {
+            let mut q = self
+                .build_queue(cfg, event_idx)
+                .map_err(|why| MmioError::SnapshotQueue { index: i, why })?;
+            q.set_next_avail(qs.next_avail);
+            q.set_next_used(qs.next_used);
+            queues.push(q);
+        }
+        let evts = self
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(MmioError::EventFd)?;
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        self.activate_called = true;
+        self.lock_device()
+            .activate(self.mem.clone(), interrupt, queues, evts)
+            .map_err(|e| MmioError::SnapshotQueue {
+                index: 0,
+                why: format!("device activation: {e}"),
+            })?;
+        self.status |= status::DRIVER_OK;
+        Ok(())
     }
 }
 
