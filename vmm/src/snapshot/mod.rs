@@ -226,10 +226,12 @@ impl SnapshotFiles {
 /// Copies the data extents of `src` (a memfd) into a new sparse file.
 pub fn write_memory_file(src: &File, size: u64, path: &Path) -> Result<(), SnapshotError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
     let tmp = path.with_extension("tmp");
+    let mut buf = vec![0u8; 1 << 20];
     let dst = File::create(&tmp).map_err(io_err(&tmp))?;
     dst.set_len(size).map_err(io_err(&tmp))?;
-    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let sfd = src.as_raw_fd();
     let mut pos: i64 = 0;
     while (pos as u64) < size {
         // SAFETY: plain lseek on an fd we own; errors are checked.
@@ -240,21 +242,15 @@ pub fn write_memory_file(src: &File, size: u64, path: &Path) -> Result<(), Snaps
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
         let end = if hole < 0 { size as i64 } else { hole };
-        let mut off_in = data;
-        let mut off_out = data;
-        while off_in < end {
-            let len = (end - off_in) as usize;
-            // SAFETY: both fds are valid and owned here; the offsets are
-            // passed by pointer to locals and updated by the kernel.
-            let n = unsafe {
-                libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, len, 0)
-            };
-            if n < 0 {
-                return Err(io_err(&tmp)(std::io::Error::last_os_error()));
-            }
-            if n == 0 {
-                break;
-            }
+        // copy_file_range does not cross file systems (the memfd is on
+        // tmpfs), so copy the extent through a buffer.
+        let mut off = data as u64;
+        let end_u = end as u64;
+        while off < end_u {
+            let n = ((end_u - off) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], off).map_err(io_err(&tmp))?;
+            dst.write_all_at(&buf[..n], off).map_err(io_err(&tmp))?;
+            off += n as u64;
         }
         pos = end;
     }
