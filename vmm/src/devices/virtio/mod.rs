@@ -9,6 +9,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 #[cfg(test)] pub(crate) mod test_utils;
 

@@ -61,8 +61,8 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
-    /// Entering the network namespace failed.
-    #[error("network namespace {path}: {source}")]
+    /// Entering the network namespace failed (the message names the path).
+    #[error("{source}")]
     Netns {
         path: String,
         #[source]
