@@ -46,7 +46,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if let Some((&b, e)) = self.ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(BusError::Overlap { base, len });
@@ -107,10 +109,14 @@ mod tests {
     #[test]
     fn routes_by_range_and_rejects_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Reg(10))), 0x100, 0x10).unwrap();
-        bus.insert(Arc::new(Mutex::new(Reg(20))), 0x110, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Reg(10))), 0x100, 0x10)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Reg(20))), 0x110, 0x10)
+            .unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Reg(0))), 0x10f, 2).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Reg(0))), 0xf0, 0x11).is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Reg(0))), 0xf0, 0x11)
+            .is_err());
         let mut b = [0u8; 1];
         assert!(bus.read(0x103, &mut b));
         assert_eq!(b[0], 13);

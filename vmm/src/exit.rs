@@ -65,7 +65,9 @@ impl ExitSignal {
     pub fn exit(&self, reason: ExitReason) {
         let reason = match reason {
             ExitReason::GuestReset => match self.panic_line.lock() {
-                Ok(p) => p.clone().map_or(ExitReason::GuestReset, ExitReason::GuestPanic),
+                Ok(p) => p
+                    .clone()
+                    .map_or(ExitReason::GuestReset, ExitReason::GuestPanic),
                 Err(_) => ExitReason::GuestReset,
             },
             other => other,
@@ -131,7 +133,9 @@ mod tests {
         sig.exit(ExitReason::GuestReset);
         assert_eq!(
             sig.reason(),
-            Some(ExitReason::GuestPanic("Kernel panic - not syncing: oops".into()))
+            Some(ExitReason::GuestPanic(
+                "Kernel panic - not syncing: oops".into()
+            ))
         );
     }
 }

@@ -21,6 +21,7 @@ pub mod vm;
 pub use arch::x86_64::cpuid::CpuTemplate;
 pub use config::{FsShareConfig, VmConfig, VsockConfig};
 pub use exit::ExitReason;
+pub use snapshot::store::{TemplateInfo, TemplateStore};
 pub use snapshot::{SnapshotError, SnapshotFiles};
 pub use timing::BootTimings;
 pub use vm::{Vm, VmError};

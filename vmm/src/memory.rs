@@ -116,13 +116,14 @@ impl GuestRam {
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                 .build()
                 .map_err(|e| MemoryError::Mmap(vm_memory::mmap::FromRangesError::MmapRegion(e)))?;
-            let region = GuestRegionMmap::new(region, GuestAddress(start))
-                .ok_or(MemoryError::Mmap(vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(start)).ok_or(
+                MemoryError::Mmap(vm_memory::mmap::FromRangesError::InvalidGuestRegion),
+            )?;
             regions.push(region);
             offset += len;
         }
-        let mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| MemoryError::Mmap(e.into()))?;
+        let mem =
+            GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Mmap(e.into()))?;
         Ok(Self {
             mem,
             file,
@@ -140,7 +141,9 @@ impl GuestRam {
                 .map_err(|e| MemoryError::Register {
                     slot,
                     source: kvm_ioctls::Error::new(
-                        std::io::Error::other(e).raw_os_error().unwrap_or(libc::EINVAL),
+                        std::io::Error::other(e)
+                            .raw_os_error()
+                            .unwrap_or(libc::EINVAL),
                     ),
                 })?;
             let region_desc = kvm_userspace_memory_region {

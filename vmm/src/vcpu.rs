@@ -265,7 +265,11 @@ impl Vcpu {
         events.exception.pending = 0;
         events.exception.error_code = 0;
         self.fd.set_vcpu_events(&events)?;
-        tracing::trace!(vcpu = self.id, "int3 at {:#x} delivered as #BP", regs.rip - 1);
+        tracing::trace!(
+            vcpu = self.id,
+            "int3 at {:#x} delivered as #BP",
+            regs.rip - 1
+        );
         Ok(())
     }
 }

@@ -22,8 +22,10 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleLog, SerialConsole};
 use crate::devices::legacy::IrqfdTrigger;
-use crate::devices::virtio::mmio::{cmdline_device, MmioInterrupt, MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::fs::{FsError, FsOptions, VirtioFs};
+use crate::devices::virtio::mmio::{
+    cmdline_device, MmioInterrupt, MmioTransport, NOTIFY_REG_OFFSET,
+};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitReason, ExitSignal};
@@ -244,7 +246,9 @@ impl Vm {
 
         let ram = match origin {
             Origin::Boot => GuestRam::new(config.mem_mib)?,
-            Origin::Restore(state, files) => GuestRam::from_snapshot(&files.memory(), state.mem_size)?,
+            Origin::Restore(state, files) => {
+                GuestRam::from_snapshot(&files.memory(), state.mem_size)?
+            }
         };
         ram.register(&vm_fd)?;
         let mem = ram.mem.clone();
@@ -351,7 +355,11 @@ impl Vm {
             .map_err(|e| VmError::Mmio(e.to_string()))?;
             for (q, evt) in transport.queue_evts().iter().enumerate() {
                 vm_fd
-                    .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
+                    .register_ioevent(
+                        evt,
+                        &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                        q as u32,
+                    )
                     .map_err(kvm_op("IOEVENTFD"))?;
             }
             let transport = Arc::new(Mutex::new(transport));
@@ -459,7 +467,9 @@ impl Vm {
     fn snapshot_blocking(&mut self, files: &SnapshotFiles, identity: &str) -> Result<(), VmError> {
         let started = Instant::now();
         if let Some(reason) = self.exit.reason() {
-            return Err(SnapshotError::Format(format!("the VM has already ended: {reason}")).into());
+            return Err(
+                SnapshotError::Format(format!("the VM has already ended: {reason}")).into(),
+            );
         }
         std::fs::create_dir_all(&files.dir).map_err(|source| SnapshotError::Io {
             path: files.dir.clone(),

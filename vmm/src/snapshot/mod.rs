@@ -13,6 +13,7 @@
 //! A file with another magic, version or a wrong checksum, or truncated, is
 //! refused with [`SnapshotError`] before anything is created.
 
+pub mod store;
 pub mod vcpu_state;
 pub mod vm_state;
 
@@ -46,7 +47,9 @@ pub enum SnapshotError {
     },
     #[error("snapshot state file {0} is not an Ember snapshot (bad magic)")]
     BadMagic(PathBuf),
-    #[error("snapshot state file {path} has format version {found}, this VMM reads {FORMAT_VERSION}")]
+    #[error(
+        "snapshot state file {path} has format version {found}, this VMM reads {FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("snapshot state file {0} is truncated or corrupted (checksum mismatch)")]
     Checksum(PathBuf),
@@ -248,7 +251,8 @@ pub fn write_memory_file(src: &File, size: u64, path: &Path) -> Result<(), Snaps
         let end_u = end as u64;
         while off < end_u {
             let n = ((end_u - off) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], off).map_err(io_err(&tmp))?;
+            src.read_exact_at(&mut buf[..n], off)
+                .map_err(io_err(&tmp))?;
             dst.write_all_at(&buf[..n], off).map_err(io_err(&tmp))?;
             off += n as u64;
         }
@@ -295,18 +299,30 @@ mod tests {
         let mut bad = good.clone();
         bad[25] ^= 0xff;
         std::fs::write(&path, &bad).unwrap();
-        assert!(matches!(SnapshotState::read(&path), Err(SnapshotError::Checksum(_))));
+        assert!(matches!(
+            SnapshotState::read(&path),
+            Err(SnapshotError::Checksum(_))
+        ));
         // Truncated.
         std::fs::write(&path, &good[..good.len() - 10]).unwrap();
-        assert!(matches!(SnapshotState::read(&path), Err(SnapshotError::Checksum(_))));
+        assert!(matches!(
+            SnapshotState::read(&path),
+            Err(SnapshotError::Checksum(_))
+        ));
         // Another format version.
         let mut v2 = good.clone();
         v2[8] = 2;
         std::fs::write(&path, &v2).unwrap();
-        assert!(matches!(SnapshotState::read(&path), Err(SnapshotError::Version { found: 2, .. })));
+        assert!(matches!(
+            SnapshotState::read(&path),
+            Err(SnapshotError::Version { found: 2, .. })
+        ));
         // Not a snapshot at all.
         std::fs::write(&path, b"hello").unwrap();
-        assert!(matches!(SnapshotState::read(&path), Err(SnapshotError::BadMagic(_))));
+        assert!(matches!(
+            SnapshotState::read(&path),
+            Err(SnapshotError::BadMagic(_))
+        ));
         std::fs::write(&path, b"").unwrap();
         assert!(SnapshotState::read(&path).is_err());
     }
@@ -325,6 +341,9 @@ mod tests {
         assert_eq!(bytes.len(), 8 << 20);
         assert_eq!(&bytes[4 << 20..(4 << 20) + 10], b"guest data");
         use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 8 << 20, "sparse");
+        assert!(
+            std::fs::metadata(&path).unwrap().blocks() * 512 < 8 << 20,
+            "sparse"
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Saving and restoring one vCPU's architectural state through KVM.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -45,7 +45,8 @@ pub fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, S
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&chunk).map_err(|e| SnapshotError::Format(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&chunk)
+            .map_err(|e| SnapshotError::Format(format!("MSR list: {e:?}")))?;
         let read = vcpu.get_msrs(&mut msrs).map_err(kvm("GET_MSRS"))?;
         saved.extend_from_slice(&msrs.as_slice()[..read]);
         // Skip the unreadable MSR (if any) that stopped this chunk.
@@ -82,7 +83,8 @@ impl VcpuState {
         let cpuid = CpuId::from_entries(&self.cpuid)
             .map_err(|e| SnapshotError::Format(format!("CPUID entries: {e:?}")))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm("SET_CPUID2"))?;
-        vcpu.set_mp_state(self.mp_state).map_err(kvm("SET_MP_STATE"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm("SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm("SET_REGS"))?;
         vcpu.set_sregs(&self.sregs).map_err(kvm("SET_SREGS"))?;
         // SAFETY: the buffer is a complete kvm_xsave saved by KVM_GET_XSAVE

@@ -49,8 +49,10 @@ impl VmState {
     pub fn restore(&self, vm: &VmFd) -> Result<(), SnapshotError> {
         vm.set_pit2(&self.pit).map_err(kvm("SET_PIT2"))?;
         vm.set_clock(&self.clock).map_err(kvm("SET_CLOCK"))?;
-        vm.set_irqchip(&self.pic_master).map_err(kvm("SET_IRQCHIP"))?;
-        vm.set_irqchip(&self.pic_slave).map_err(kvm("SET_IRQCHIP"))?;
+        vm.set_irqchip(&self.pic_master)
+            .map_err(kvm("SET_IRQCHIP"))?;
+        vm.set_irqchip(&self.pic_slave)
+            .map_err(kvm("SET_IRQCHIP"))?;
         vm.set_irqchip(&self.ioapic).map_err(kvm("SET_IRQCHIP"))?;
         Ok(())
     }

@@ -32,7 +32,9 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
-    #[error("kernel {path} is not a loadable x86_64 ELF vmlinux (a bzImage will not do): {source}")]
+    #[error(
+        "kernel {path} is not a loadable x86_64 ELF vmlinux (a bzImage will not do): {source}"
+    )]
     KernelLoad {
         path: String,
         #[source]
@@ -76,12 +78,13 @@ pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> Result<(u64, u64), B
         path: display.clone(),
         source,
     })?;
-    let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(
-        |source| BootError::KernelLoad {
-            path: display,
-            source,
-        },
-    )?;
+    let result =
+        Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            BootError::KernelLoad {
+                path: display,
+                source,
+            }
+        })?;
     Ok((result.kernel_load.raw_value(), result.kernel_end))
 }
 
@@ -196,7 +199,10 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"MZ this is not an ELF file at all").unwrap();
         let err = load_kernel(&mem(64 << 20), f.path()).unwrap_err();
-        assert!(err.to_string().contains("not a loadable x86_64 ELF"), "{err}");
+        assert!(
+            err.to_string().contains("not a loadable x86_64 ELF"),
+            "{err}"
+        );
         let err = load_kernel(&mem(64 << 20), Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }

@@ -272,7 +272,9 @@ mod tests {
         assert_ne!(e[0].ecx & (1 << LEAF1_ECX_CX16), 0);
         assert_eq!(e[2].eax, u32::MAX);
         assert!(CpuTemplate::Host.kernel_params().is_empty());
-        assert!(CpuTemplate::Emulated.kernel_params().contains("clearcpuid=xsave"));
+        assert!(CpuTemplate::Emulated
+            .kernel_params()
+            .contains("clearcpuid=xsave"));
     }
 
     #[test]

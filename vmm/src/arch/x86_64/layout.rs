@@ -65,9 +65,6 @@ mod tests {
     #[test]
     fn ram_is_split_around_the_mmio_gap() {
         assert_eq!(ram_regions(128 << 20), vec![(0, 128 << 20)]);
-        assert_eq!(
-            ram_regions(4 << 30),
-            vec![(0, 3 << 30), (4 << 30, 1 << 30)]
-        );
+        assert_eq!(ram_regions(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
     }
 }

@@ -80,7 +80,8 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     count += 2;
 
     // Configuration table header (44 bytes).
-    let length = u16::try_from(44 + entries.len()).map_err(|_| MptableError::TooManyCpus(num_cpus))?;
+    let length =
+        u16::try_from(44 + entries.len()).map_err(|_| MptableError::TooManyCpus(num_cpus))?;
     let mut table = Vec::with_capacity(usize::from(length));
     table.extend_from_slice(b"PCMP");
     table.extend_from_slice(&length.to_le_bytes());

@@ -135,7 +135,8 @@ pub fn setup_vcpu(vcpu: &VcpuFd, entry: Option<u64>) -> Result<(), RegsError> {
     setup_lint(vcpu)?;
     if let Some(rip) = entry {
         let sregs = vcpu.get_sregs().map_err(kvm("GET_SREGS"))?;
-        vcpu.set_sregs(&boot_sregs(sregs)).map_err(kvm("SET_SREGS"))?;
+        vcpu.set_sregs(&boot_sregs(sregs))
+            .map_err(kvm("SET_SREGS"))?;
         let regs = kvm_regs {
             rflags: 0x2,
             rip,
@@ -212,9 +213,17 @@ fn delivery_mode(reg: u32, mode: u32) -> u32 {
 fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm("GET_LAPIC"))?;
     let lvt0 = lapic_reg(&lapic.regs, APIC_LVT0);
-    set_lapic_reg(&mut lapic.regs, APIC_LVT0, delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT0,
+        delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = lapic_reg(&lapic.regs, APIC_LVT1);
-    set_lapic_reg(&mut lapic.regs, APIC_LVT1, delivery_mode(lvt1, APIC_MODE_NMI));
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT1,
+        delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&lapic).map_err(kvm("SET_LAPIC"))
 }
 

@@ -129,7 +129,11 @@ mod tests {
         let path = dir.path().join("console.log");
         let clock = BootClock::new(Instant::now());
         let exit = ExitSignal::new();
-        let log = ConsoleLog::new(Some(File::create(&path).unwrap()), clock.clone(), exit.clone());
+        let log = ConsoleLog::new(
+            Some(File::create(&path).unwrap()),
+            clock.clone(),
+            exit.clone(),
+        );
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut serial = SerialConsole::new(IrqfdTrigger(irq.try_clone().unwrap()), log);
         // Enable the THRE interrupt (IER bit 1), as the 8250 driver does.

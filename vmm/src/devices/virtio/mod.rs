@@ -10,8 +10,9 @@
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod vsock;
-#[cfg(test)] pub(crate) mod test_utils;
 
 use std::sync::Arc;
 
