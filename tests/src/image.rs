@@ -323,8 +323,11 @@ pub fn write_pause_image(path: &Path) -> Result<ImageInfo> {
     write_image(&ImageSpec::pause(), path)
 }
 
-/// Reads the entries of a tar: path -> (entry type, mode, data or link target).
-pub fn tar_entries(data: &[u8]) -> Result<BTreeMap<String, (tar::EntryType, u32, Vec<u8>)>> {
+/// One tar entry as [`tar_entries`] returns it: (type, mode, data or link target).
+pub type TarEntry = (tar::EntryType, u32, Vec<u8>);
+
+/// Reads the entries of a tar, by path.
+pub fn tar_entries(data: &[u8]) -> Result<BTreeMap<String, TarEntry>> {
     use std::io::Read;
     let mut out = BTreeMap::new();
     let mut archive = tar::Archive::new(data);
