@@ -356,6 +356,12 @@ pub struct Options {
     pub import_into: Vec<String>,
     /// How long to wait for containerd to answer.
     pub ready_timeout: Duration,
+    /// Ember config (TOML) to write to `<dir>/ember.toml` and hand to the
+    /// shim through `EMBER_CONFIG` in containerd's environment (containerd
+    /// passes its environment on to shims).
+    pub ember_config: Option<String>,
+    /// Extra environment for containerd (and so for its shims).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -364,15 +370,25 @@ impl Default for Options {
             ember_shim: None,
             import_into: vec!["default".into(), "k8s.io".into()],
             ready_timeout: Duration::from_secs(60),
+            ember_config: None,
+            env: Vec::new(),
         }
     }
 }
 
 impl Options {
-    /// With the Ember shim (built if needed, see [`ember_shim_binary`]).
+    /// With the Ember shim (built if needed, see [`ember_shim_binary`]) and
+    /// a private Ember config naming the guest kernel and initrd the e2e
+    /// tests use (`EMBER_KERNEL` / `EMBER_INITRD` or /var/lib/ember/).
     pub fn with_ember() -> Result<Self> {
+        let (kernel, initrd) = crate::artifacts();
         Ok(Self {
             ember_shim: Some(ember_shim_binary()?),
+            ember_config: Some(format!(
+                "kernel = {:?}\ninitrd = {:?}\n",
+                kernel.display().to_string(),
+                initrd.display().to_string()
+            )),
             ..Self::default()
         })
     }
@@ -435,6 +451,12 @@ impl Containerd {
         }
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(&containerd);
+        if let Some(text) = &opts.ember_config {
+            let p = path.join("ember.toml");
+            std::fs::write(&p, text)?;
+            cmd.env("EMBER_CONFIG", &p);
+        }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("--config")
             .arg(&config)
             .env("PATH", env_path)

@@ -27,6 +27,8 @@ use sha2::{Digest, Sha256};
 
 /// Group annotation: containers with the same value share one pod VM.
 const GROUP: &str = "io.ember.group=e2e";
+/// The pod (VM) id the shim derives from [`GROUP`].
+const POD: &str = "e2e";
 /// The first container start boots the VM.
 const FIRST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Later container starts (VM already up; generous in case it is not shared).
@@ -237,6 +239,19 @@ fn dir_entries(p: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// `<namespace>/<pod>` entries under the shim's state dir (and the
+/// namespace dirs themselves).
+fn state_entries() -> BTreeSet<String> {
+    let root = Path::new(EMBER_STATE_DIR);
+    let mut out = BTreeSet::new();
+    for ns in dir_entries(root) {
+        for pod in dir_entries(&root.join(&ns)) {
+            out.insert(format!("{ns}/{pod}"));
+        }
+    }
+    out
+}
+
 /// Shim log lines that look like VM boot timings (the format is the shim's).
 fn boot_lines(log: &str) -> Vec<String> {
     log.lines()
@@ -280,7 +295,10 @@ fn ember_containers_through_ctr() {
         println!("[ctr_ember] shim: {}", shim.display());
     }
     println!("[ctr_ember] runtime under test: {runtime}");
-    let state_before = dir_entries(Path::new(EMBER_STATE_DIR));
+    let state_before = state_entries();
+    let mounts_before: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
+        .into_iter()
+        .collect();
     let ctrd = Containerd::start(opts).expect("containerd starts");
     let events = ctrd.events().expect("ctr events runs");
     let mut s = Suite {
@@ -711,14 +729,27 @@ fn ember_containers_through_ctr() {
     });
     if s.ember {
         s.always("teardown: /run/ember clean", |_s| {
-            let mounts = mounts_under(Path::new(EMBER_STATE_DIR));
-            ensure!(mounts.is_empty(), "mounts left under {EMBER_STATE_DIR}: {mounts:?}");
-            let now = dir_entries(Path::new(EMBER_STATE_DIR));
+            // The shim keeps a pod's state in <state_dir>/<namespace>/<pod>/;
+            // other pods (other tests) may have theirs there too, so only
+            // what appeared during this test counts.
+            let mounts: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
+                .into_iter()
+                .collect();
+            let new_mounts: Vec<_> = mounts.difference(&mounts_before).collect();
+            ensure!(
+                new_mounts.is_empty(),
+                "mounts left under {EMBER_STATE_DIR}: {new_mounts:?}"
+            );
+            let pod_dir = Path::new(EMBER_STATE_DIR).join("default").join(POD);
+            ensure!(
+                !pod_dir.exists(),
+                "pod state dir {} left: {:?}",
+                pod_dir.display(),
+                dir_entries(&pod_dir)
+            );
+            let now = state_entries();
             let new: Vec<_> = now.difference(&state_before).collect();
             ensure!(new.is_empty(), "state left in {EMBER_STATE_DIR}: {new:?}");
-            if !now.is_empty() {
-                println!("[ctr_ember]   note: {EMBER_STATE_DIR} holds entries from before this test: {now:?}");
-            }
             Ok(())
         });
     }
