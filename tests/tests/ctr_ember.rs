@@ -252,6 +252,42 @@ fn state_entries() -> BTreeSet<String> {
     out
 }
 
+/// Prints the tail of every `*.log` in the pod's state dir (the guest
+/// console, ...), which teardown removes.
+fn print_pod_logs() {
+    let pod_dir = Path::new(EMBER_STATE_DIR).join("default").join(POD);
+    let mut stack = vec![pod_dir.clone()];
+    let mut found = false;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() && !mounts_under(&p).contains(&p.to_string_lossy().into_owned()) {
+                stack.push(p);
+            } else if ft.is_file() && p.extension().is_some_and(|x| x == "log") {
+                found = true;
+                let text = std::fs::read(&p)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let from = lines.len().saturating_sub(40);
+                println!(
+                    "[ctr_ember] --- {} (last {} lines) ---\n{}\n[ctr_ember] --- end ---",
+                    p.display(),
+                    lines.len() - from,
+                    lines[from..].join("\n")
+                );
+            }
+        }
+    }
+    if !found {
+        println!("[ctr_ember] (no *.log in {})", pod_dir.display());
+    }
+}
+
 /// Shim log lines that look like VM boot timings (the format is the shim's).
 fn boot_lines(log: &str) -> Vec<String> {
     log.lines()
@@ -336,6 +372,9 @@ fn ember_containers_through_ctr() {
         println!("[ctr_ember]   boot: {l}");
     }
     if !anchor_ok {
+        if ember {
+            print_pod_logs();
+        }
         s.sweep(&["anchor"]);
     }
 
@@ -693,6 +732,15 @@ fn ember_containers_through_ctr() {
         Ok(())
     });
     s.sweep(&["done1"]);
+
+    if ember
+        && anchor_ok
+        && s.results
+            .iter()
+            .any(|(_, _, o)| matches!(o, Outcome::Failed(_)))
+    {
+        print_pod_logs();
+    }
 
     // -- teardown: the last container goes, the pod VM and shim go ----------
     s.always("teardown: anchor + shim gone", |s| {
