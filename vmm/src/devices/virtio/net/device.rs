@@ -3,12 +3,13 @@
 //! Queues: 0 = receiveq (backend -> guest frames), 1 = transmitq (guest ->
 //! backend frames), 256 entries each; no control queue, one queue pair.
 //! Features: `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC`, `VIRTIO_NET_F_STATUS`
-//! (link always up). No checksum/segmentation offloads, no mergeable RX
+//! (link always up), and `VIRTIO_NET_F_MTU` when [`Net::with_mtu`] set one
+//! (the guest then uses that MTU, e.g. the pod's CNI MTU). No checksum/segmentation offloads, no mergeable RX
 //! buffers: every frame is one chain with the 12-byte `virtio_net_hdr_v1`
 //! in front, and the guest must post RX buffers that hold a whole frame
 //! (Linux does: 1518 bytes plus header per buffer without offloads).
 //! Config space: `mac` (6 bytes), `status` (le16), `max_virtqueue_pairs`
-//! (le16, 1).
+//! (le16, 1), `mtu` (le16, 0 when none was set).
 //!
 //! Threading: [`Net::activate`] starts one worker thread ("ember-net")
 //! that owns the queues and the backend and epolls the two queue eventfds,
@@ -57,6 +58,7 @@ use super::{
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 /// `flags` bit of the vnet header: the checksum is left to the receiver.
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
@@ -68,8 +70,13 @@ const NUM_QUEUES: usize = 2;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 
-/// `mac[6]`, `status: le16`, `max_virtqueue_pairs: le16`.
-const CONFIG_LEN: usize = 10;
+/// `mac[6]`, `status: le16`, `max_virtqueue_pairs: le16`, `mtu: le16`.
+const CONFIG_LEN: usize = 12;
+
+/// Smallest MTU Linux accepts for Ethernet (IPv4 minimum).
+pub const MIN_MTU: u16 = 68;
+/// Ethernet header plus one VLAN tag: what a frame may add to the MTU.
+const ETH_OVERHEAD: usize = 18;
 
 /// Longest chain we walk (Linux uses at most about 20 descriptors); a
 /// longer one, possible only through an indirect table, is malformed.
@@ -107,6 +114,7 @@ struct WorkerHandle {
 /// The virtio-net device.
 pub struct Net {
     mac: [u8; 6],
+    mtu: Option<u16>,
     backend_name: String,
     acked_features: u64,
     queue_sizes: [u16; NUM_QUEUES],
@@ -138,6 +146,7 @@ impl Net {
         validate_mac(&mac)?;
         Ok(Self {
             mac,
+            mtu: None,
             backend_name: backend.name().to_string(),
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
@@ -163,8 +172,26 @@ impl Net {
         Self::new(Tap::open_in_netns(netns, name)?, mac)
     }
 
+    /// Offers `VIRTIO_NET_F_MTU` with `mtu` in the config space, so the
+    /// guest driver sets its interface to that MTU (use the MTU of the
+    /// pod's CNI interface, and give the tap the same). Frames longer than
+    /// `mtu` plus an Ethernet and a VLAN header are then not passed to a
+    /// guest that accepted the feature. Call it before the device is
+    /// handed to its transport (which caches the feature bits).
+    pub fn with_mtu(mut self, mtu: u16) -> Result<Self, NetError> {
+        if mtu < MIN_MTU {
+            return Err(NetError::InvalidMtu(mtu));
+        }
+        self.mtu = Some(mtu);
+        Ok(self)
+    }
+
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    pub fn mtu(&self) -> Option<u16> {
+        self.mtu
     }
 
     /// The backend's name (the tap's interface name).
@@ -186,6 +213,7 @@ impl Net {
         c[..6].copy_from_slice(&self.mac);
         c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         c
     }
 
@@ -222,7 +250,12 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        let mtu = if self.mtu.is_some() {
+            VIRTIO_NET_F_MTU
+        } else {
+            0
+        };
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | mtu
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -308,6 +341,13 @@ impl VirtioDevice for Net {
                 .map_err(ActivateError::Worker)?;
         }
 
+        // The guest sized its buffers for the MTU it accepted.
+        let rx_max_frame = match self.mtu {
+            Some(mtu) if self.acked_features & VIRTIO_NET_F_MTU != 0 => {
+                (usize::from(mtu) + ETH_OVERHEAD).min(MAX_FRAME_LEN)
+            }
+            _ => MAX_FRAME_LEN,
+        };
         let slot = self.backend.clone();
         let stats = self.stats.clone();
         let thread = std::thread::Builder::new()
@@ -331,6 +371,7 @@ impl VirtioDevice for Net {
                     backend_failed: false,
                     rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
                     rx_pending: None,
+                    rx_max_frame,
                     tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
                     segs: Vec::new(),
                     tx_more: false,
@@ -530,6 +571,8 @@ struct Worker {
     rx_buf: Vec<u8>,
     /// Length of the frame in `rx_buf` waiting for an RX buffer.
     rx_pending: Option<usize>,
+    /// Longest frame (without header) passed to the guest.
+    rx_max_frame: usize,
     tx_buf: Vec<u8>,
     segs: Vec<(GuestAddress, usize)>,
     /// The TX (RX) pass stopped on its budget: run again without waiting.
@@ -632,10 +675,12 @@ impl Worker {
                 self.fail_backend();
                 RxRead::Empty
             }
-            Ok(n) if n > cap => {
+            Ok(n) if n > cap || n.saturating_sub(VNET_HDR_LEN) > self.rx_max_frame => {
                 net_warn_rl!(
                     self.log,
-                    "net: dropping a {n}-byte frame from the backend: larger than {cap} bytes"
+                    "net: dropping a {}-byte frame from the backend: longer than {} bytes",
+                    n.saturating_sub(VNET_HDR_LEN),
+                    self.rx_max_frame
                 );
                 Stats::inc(&self.stats.rx_dropped);
                 RxRead::Again

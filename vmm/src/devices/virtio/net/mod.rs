@@ -27,7 +27,7 @@ mod tests;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-pub use device::{Net, QUEUE_SIZE};
+pub use device::{Net, MIN_MTU, QUEUE_SIZE};
 pub use netns::in_netns;
 pub use tap::{set_link_up, NetBackend, Tap};
 
@@ -49,6 +49,9 @@ pub enum NetError {
     /// The MAC is all zeros or a multicast address.
     #[error("invalid guest MAC address {0}: must be a non-zero unicast address")]
     InvalidMac(String),
+    /// The MTU is below the IPv4 minimum (68).
+    #[error("invalid MTU {0}: at least 68")]
+    InvalidMtu(u16),
     /// The tap name is empty, too long (15 bytes at most) or has a
     /// character Linux refuses in interface names.
     #[error("invalid tap name {0:?}")]

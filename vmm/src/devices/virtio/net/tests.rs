@@ -263,7 +263,7 @@ impl Guest {
         } else {
             vec![(None, data.len() as u32, 0, Next::End)]
         };
-        let idx = self.tx.reserve(&parts).expect("free TX descriptors");
+        let idx = self.reserve_tx(&parts);
         if split {
             self.write(self.tx.buf(idx[0]), &hdr);
             self.write(self.tx.buf(idx[1]), frame);
@@ -276,6 +276,20 @@ impl Guest {
 
     fn send(&mut self, frame: &[u8]) {
         self.send_with_hdr([0; VNET_HDR_LEN], frame, false);
+    }
+
+    /// Reserves TX descriptors, reclaiming used ones while the table is
+    /// full (only bursts fill it).
+    fn reserve_tx(&mut self, parts: &[Part]) -> Vec<u16> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(idx) = self.tx.reserve(parts) {
+                return idx;
+            }
+            self.tx.take_used();
+            assert!(Instant::now() < deadline, "device returns no TX chains");
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Publishes a hand-made TX chain and kicks.
@@ -492,18 +506,20 @@ fn config_space_and_features() {
         assert_eq!(f & (1 << bit), 0, "feature bit {bit}");
     }
 
-    let mut cfg = [0xaau8; 10];
+    let mut cfg = [0xaau8; 12];
     dev.read_config(0, &mut cfg);
     assert_eq!(&cfg[..6], &MAC);
     assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "LINK_UP");
     assert_eq!(u16::from_le_bytes([cfg[8], cfg[9]]), 1, "one queue pair");
+    assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 0, "no MTU");
+    assert_eq!(f & (1 << 3), 0, "no MTU feature without an MTU");
     let mut b = [0u8; 1];
     for (i, &m) in MAC.iter().enumerate() {
         dev.read_config(i as u64, &mut b);
         assert_eq!(b[0], m);
     }
     // Out of range: zeros, no panic.
-    for (off, len) in [(8u64, 4usize), (10, 1), (0x100, 4), (u64::MAX, 2)] {
+    for (off, len) in [(10u64, 4usize), (12, 1), (0x100, 4), (u64::MAX, 2)] {
         let mut d = vec![0xffu8; len];
         dev.read_config(off, &mut d);
         assert!(d.iter().all(|&x| x == 0), "offset {off}");
@@ -515,6 +531,36 @@ fn config_space_and_features() {
     assert_eq!(&cfg[..6], &MAC);
     assert_eq!(dev.mac(), MAC);
     assert_eq!(dev.backend_name(), "sockpair");
+}
+
+#[test]
+fn mtu_is_offered_and_enforced() {
+    let (dev, host) = sock_device();
+    assert!(matches!(
+        dev.with_mtu(MIN_MTU - 1),
+        Err(NetError::InvalidMtu(67))
+    ));
+    drop(host);
+    let (dev, host) = sock_device();
+    let mut dev = dev.with_mtu(1450).unwrap();
+    assert_eq!(dev.mtu(), Some(1450));
+    assert_ne!(dev.avail_features() & (1 << 3), 0);
+    let mut b = [0u8; 2];
+    dev.read_config(10, &mut b);
+    assert_eq!(u16::from_le_bytes(b), 1450);
+
+    // The fake guest accepts every offered feature, MTU included.
+    let mut g = Guest::start(&mut dev);
+    g.add_rx(4);
+    // Ethernet + VLAN header on top of the MTU is the limit.
+    let fits = frame(MAC, PEER_MAC, &payload(1450 + 4, 1));
+    let too_long = frame(MAC, PEER_MAC, &payload(1450 + 5, 2));
+    host.send(&with_hdr([0; VNET_HDR_LEN], &too_long)).unwrap();
+    host.send(&with_hdr([0; VNET_HDR_LEN], &fits)).unwrap();
+    let got = g.wait_rx_used(1);
+    assert_eq!(got[0].0, with_hdr(RX_HDR, &fits));
+    let s = dev.stats();
+    assert_eq!((s.rx_frames, s.rx_dropped), (1, 1));
 }
 
 #[test]
@@ -1088,6 +1134,89 @@ fn tap_in_a_netns_carries_frames_both_ways() {
     // The tap is ours: closing the device deletes it.
     drop(dev);
     assert_eq!(in_netns(&path, || if_index("embt0")).unwrap(), 0);
+}
+
+#[test]
+fn tap_bursts_both_ways() {
+    if !can_use_taps() {
+        return;
+    }
+    let Some(ns) = new_netns() else { return };
+    let path = ns_path(&ns);
+    let mut dev = Net::open_tap_in_netns(&path, "embt3", MAC).unwrap();
+    let sock = bring_up(&path, "embt3");
+    let mut g = Guest::start(&mut dev);
+    g.add_rx(48);
+    const N: usize = 300;
+    // Guest -> tap, more frames than the queue has descriptors, read in
+    // batches so the packet socket's buffer does not overflow.
+    for batch in 0..N / 30 {
+        let sent: Vec<Vec<u8>> = (0..30)
+            .map(|i| frame(BROADCAST, MAC, &payload(1000, (batch * 30 + i) as u8)))
+            .collect();
+        for f in &sent {
+            g.send(f);
+        }
+        for f in &sent {
+            assert_eq!(&sock.recv(WAIT).expect("frame on the tap"), f);
+        }
+    }
+    // Tap -> guest, likewise.
+    for batch in 0..N / 30 {
+        let sent: Vec<Vec<u8>> = (0..30)
+            .map(|i| frame(MAC, PEER_MAC, &payload(1200, (batch * 30 + i) as u8)))
+            .collect();
+        for f in &sent {
+            sock.send(f);
+        }
+        for f in &sent {
+            let (_, got) = g.recv();
+            assert_eq!(&got, f);
+        }
+    }
+    let s = dev.stats();
+    assert_eq!(
+        (s.tx_frames, s.tx_dropped, s.tx_bad_chains),
+        (N as u64, 0, 0)
+    );
+    assert_eq!((s.rx_dropped, s.rx_bad_chains), (0, 0));
+}
+
+#[test]
+fn attaches_to_a_persistent_tap() {
+    if !can_use_taps() {
+        return;
+    }
+    let Some(ns) = new_netns() else { return };
+    let path = ns_path(&ns);
+    // As an operator (or CNI plugin) would create it beforehand, without
+    // IFF_VNET_HDR.
+    let made = in_netns(&path, || {
+        std::process::Command::new("ip")
+            .args(["tuntap", "add", "dev", "embp0", "mode", "tap"])
+            .status()
+    })
+    .unwrap();
+    match made {
+        Ok(st) if st.success() => {}
+        other => {
+            eprintln!("SKIPPED: cannot run `ip tuntap add`: {other:?}");
+            return;
+        }
+    }
+    let mut dev = Net::open_tap_in_netns(&path, "embp0", MAC).unwrap();
+    let sock = bring_up(&path, "embp0");
+    let mut g = Guest::start(&mut dev);
+    g.add_rx(4);
+    let f = frame(BROADCAST, MAC, &payload(300, 1));
+    g.send(&f);
+    assert_eq!(sock.recv(WAIT).expect("frame on the tap"), f);
+    let f = frame(MAC, PEER_MAC, &payload(300, 2));
+    sock.send(&f);
+    assert_eq!(g.recv().1, f);
+    // Persistent: it outlives the device.
+    drop(dev);
+    assert_ne!(in_netns(&path, || if_index("embp0")).unwrap(), 0);
 }
 
 #[test]
