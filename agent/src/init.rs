@@ -104,6 +104,10 @@ pub async fn serve(mode: Mode) -> anyhow::Result<()> {
         Mode::Init => Config::init(),
         Mode::Test { .. } => Config::test(),
     };
+    if mode == Mode::Init {
+        // The per-VM virtio-fs share (best effort: absent in some setups).
+        crate::sandbox::mount_shared(&config.containers.shared_dir);
+    }
     let (service, mut shutdown) = AgentService::new(config, reaper);
     let (listener, marker) = match &mode {
         Mode::Init => (server::bind_vsock().await?, console::LISTENING.to_string()),

@@ -14,11 +14,13 @@
 
 pub mod cmdline;
 pub mod console;
+pub mod container;
 pub mod init;
 pub mod logging;
 pub mod mounts;
 pub mod power;
 pub mod reaper;
+pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod transport;

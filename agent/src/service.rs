@@ -1,7 +1,8 @@
 //! The `ember.agent.v1.Agent` ttrpc service.
 //!
-//! Implemented: Health, Version, SetTime, Shutdown. Every other method
-//! answers UNIMPLEMENTED for now.
+//! Implemented: everything except UpdateInterfaces, UpdateRoutes and
+//! SeedEntropy (UNIMPLEMENTED). Container methods live in
+//! [`crate::container`], sandbox-wide ones in [`crate::sandbox`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -12,7 +13,18 @@ use ember_proto::agent_ttrpc::Agent;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
+use crate::container::stdio::Transport;
+use crate::container::{Manager, Settings};
 use crate::reaper::Reaper;
+
+/// Environment overrides (test mode; `EMBER_AGENT_CGROUP_ROOT` also in
+/// the VM).
+pub const RUN_DIR_ENV: &str = "EMBER_AGENT_RUN_DIR";
+pub const SHARED_DIR_ENV: &str = "EMBER_AGENT_SHARED_DIR";
+pub const CGROUP_ROOT_ENV: &str = "EMBER_AGENT_CGROUP_ROOT";
+
+/// Default parent of the container cgroups in the VM.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/ember";
 
 /// Whether SetTime really sets the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +42,18 @@ pub struct Config {
     /// How long after answering Shutdown the shutdown signal fires, so the
     /// reply can leave the guest first.
     pub shutdown_grace: Duration,
+    /// Containers: state, shared and cgroup directories, stdio transport.
+    pub containers: Settings,
+    /// Whether SetHostname really sets the guest's hostname.
+    pub hostname: ClockControl,
+    /// File SetDns writes.
+    pub resolv_conf: std::path::PathBuf,
+}
+
+fn env_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
 }
 
 impl Config {
@@ -38,14 +62,40 @@ impl Config {
         Config {
             clock: ClockControl::Real,
             shutdown_grace: Duration::from_millis(200),
+            containers: Settings {
+                run_dir: "/run/ember".into(),
+                shared_dir: crate::container::spec::CANONICAL_SHARED_DIR.into(),
+                cgroup_root: Some(
+                    env_path(CGROUP_ROOT_ENV).unwrap_or_else(|| DEFAULT_CGROUP_ROOT.into()),
+                ),
+                stdio: Transport::Vsock,
+            },
+            hostname: ClockControl::Real,
+            resolv_conf: "/etc/resolv.conf".into(),
         }
     }
 
-    /// Configuration for host-side tests.
+    /// Configuration for host-side tests: state in `EMBER_AGENT_RUN_DIR`
+    /// (default `<tmp>/ember-agent-<pid>`), shared directory
+    /// `EMBER_AGENT_SHARED_DIR` (default `<run dir>/shared`), cgroups only
+    /// under `EMBER_AGENT_CGROUP_ROOT` (none when unset), stdio on Unix
+    /// sockets `<run dir>/stdio-<port>.sock`, hostname and clock untouched,
+    /// DNS written to `<run dir>/resolv.conf`.
     pub fn test() -> Config {
+        let run_dir = env_path(RUN_DIR_ENV).unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("ember-agent-{}", std::process::id()))
+        });
         Config {
             clock: ClockControl::DryRun,
             shutdown_grace: Duration::from_millis(20),
+            containers: Settings {
+                shared_dir: env_path(SHARED_DIR_ENV).unwrap_or_else(|| run_dir.join("shared")),
+                cgroup_root: env_path(CGROUP_ROOT_ENV),
+                stdio: Transport::Unix(run_dir.clone()),
+                run_dir: run_dir.clone(),
+            },
+            hostname: ClockControl::DryRun,
+            resolv_conf: run_dir.join("resolv.conf"),
         }
     }
 }
@@ -53,6 +103,7 @@ impl Config {
 struct State {
     config: Config,
     reaper: Reaper,
+    containers: Manager,
     shutting_down: AtomicBool,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
 }
@@ -78,9 +129,14 @@ impl ShutdownSignal {
 impl AgentService {
     pub fn new(config: Config, reaper: Reaper) -> (AgentService, ShutdownSignal) {
         let (shutdown_tx, rx) = tokio::sync::watch::channel(false);
+        if let Err(e) = std::fs::create_dir_all(&config.containers.run_dir) {
+            tracing::warn!("creating {}: {e}", config.containers.run_dir.display());
+        }
+        let containers = Manager::new(config.containers.clone(), reaper.clone());
         let svc = AgentService {
             state: Arc::new(State {
                 config,
+                containers,
                 reaper,
                 shutting_down: AtomicBool::new(false),
                 shutdown_tx,
@@ -227,110 +283,134 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    // ---- not implemented yet ----
+    // ---- containers ----
 
     async fn create_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: CreateContainerRequest,
+        req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        not_implemented("CreateContainer")
+        self.state.containers.create(req).await
     }
 
     async fn start_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: StartContainerRequest,
+        req: StartContainerRequest,
     ) -> ttrpc::Result<StartContainerResponse> {
-        not_implemented("StartContainer")
+        self.state.containers.start(req).await
     }
 
     async fn exec_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: ExecProcessRequest,
+        req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
-        not_implemented("ExecProcess")
+        self.state.containers.exec(req).await
     }
 
     async fn signal_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: SignalProcessRequest,
+        req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("SignalProcess")
+        self.state
+            .containers
+            .signal(req)
+            .await
+            .map(|()| Empty::new())
     }
 
     async fn wait_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: WaitProcessRequest,
+        req: WaitProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
-        not_implemented("WaitProcess")
+        self.state.containers.wait(req).await
     }
 
     async fn stats_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: StatsContainerRequest,
+        req: StatsContainerRequest,
     ) -> ttrpc::Result<StatsContainerResponse> {
-        not_implemented("StatsContainer")
+        self.state.containers.stats(req).await
     }
 
     async fn update_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: UpdateContainerRequest,
+        req: UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("UpdateContainer")
+        self.state
+            .containers
+            .update(req)
+            .await
+            .map(|()| Empty::new())
     }
 
     async fn pause_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: PauseContainerRequest,
+        req: PauseContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("PauseContainer")
+        self.state
+            .containers
+            .freeze(&req.container_id, true)
+            .await
+            .map(|()| Empty::new())
     }
 
     async fn resume_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: ResumeContainerRequest,
+        req: ResumeContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("ResumeContainer")
+        self.state
+            .containers
+            .freeze(&req.container_id, false)
+            .await
+            .map(|()| Empty::new())
     }
 
     async fn remove_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: RemoveContainerRequest,
+        req: RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("RemoveContainer")
+        self.state
+            .containers
+            .remove(req)
+            .await
+            .map(|()| Empty::new())
     }
 
     async fn list_processes(
         &self,
         _ctx: &TtrpcContext,
-        _req: ListProcessesRequest,
+        req: ListProcessesRequest,
     ) -> ttrpc::Result<ListProcessesResponse> {
-        not_implemented("ListProcesses")
+        self.state.containers.list(req).await
     }
 
-    async fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: ResizePtyRequest,
-    ) -> ttrpc::Result<Empty> {
-        not_implemented("ResizePty")
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        self.state
+            .containers
+            .resize_pty(req)
+            .await
+            .map(|()| Empty::new())
     }
 
     async fn close_stdin(
         &self,
         _ctx: &TtrpcContext,
-        _req: CloseStdinRequest,
+        req: CloseStdinRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("CloseStdin")
+        self.state
+            .containers
+            .close_stdin(req)
+            .await
+            .map(|()| Empty::new())
     }
 
     async fn get_oom_event(
@@ -338,8 +418,51 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         _req: GetOOMEventRequest,
     ) -> ttrpc::Result<OOMEvent> {
-        not_implemented("GetOOMEvent")
+        self.state.containers.oom_event().await
     }
+
+    // ---- sandbox ----
+
+    async fn set_dns(&self, _ctx: &TtrpcContext, req: SetDnsRequest) -> ttrpc::Result<Empty> {
+        let content = crate::sandbox::resolv_conf(&req.nameservers, &req.searches, &req.options)?;
+        let path = &self.state.config.resolv_conf;
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::write(path, content).map_err(|e| {
+            rpc_error(
+                Code::INTERNAL,
+                format!("SetDns: write {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Empty::new())
+    }
+
+    async fn set_hostname(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetHostnameRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::sandbox::validate_hostname(&req.hostname)?;
+        match self.state.config.hostname {
+            ClockControl::Real => nix::unistd::sethostname(&req.hostname)
+                .map_err(|e| rpc_error(Code::INTERNAL, format!("SetHostname: sethostname: {e}")))?,
+            ClockControl::DryRun => {
+                tracing::info!("test mode: would set hostname to {:?}", req.hostname)
+            }
+        }
+        Ok(Empty::new())
+    }
+
+    async fn add_mounts(&self, _ctx: &TtrpcContext, req: AddMountsRequest) -> ttrpc::Result<Empty> {
+        let shared = &self.state.config.containers.shared_dir;
+        for m in &req.mounts {
+            crate::sandbox::mount(m, std::path::Path::new(&m.target), shared)?;
+        }
+        Ok(Empty::new())
+    }
+
+    // ---- not implemented yet ----
 
     async fn update_interfaces(
         &self,
@@ -355,26 +478,6 @@ impl Agent for AgentService {
         _req: UpdateRoutesRequest,
     ) -> ttrpc::Result<Empty> {
         not_implemented("UpdateRoutes")
-    }
-
-    async fn set_dns(&self, _ctx: &TtrpcContext, _req: SetDnsRequest) -> ttrpc::Result<Empty> {
-        not_implemented("SetDns")
-    }
-
-    async fn set_hostname(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: SetHostnameRequest,
-    ) -> ttrpc::Result<Empty> {
-        not_implemented("SetHostname")
-    }
-
-    async fn add_mounts(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: AddMountsRequest,
-    ) -> ttrpc::Result<Empty> {
-        not_implemented("AddMounts")
     }
 
     async fn seed_entropy(
