@@ -38,15 +38,15 @@ pub trait NetBackend: Send {
 
 /// `struct ifreq` with the `ifr_flags` member of its union.
 #[repr(C)]
-struct IfReq {
+pub(crate) struct IfReq {
     name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
+    pub(crate) flags: libc::c_short,
     _pad: [u8; 22],
 }
 
 impl IfReq {
     /// A zeroed request for `name`, which must have been validated.
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
             flags: 0,

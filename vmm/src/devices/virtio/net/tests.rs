@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -421,8 +421,16 @@ fn wait_stats(dev: &Net, what: &str, cond: impl Fn(&NetStats) -> bool) -> NetSta
 // A socket pair standing in for the tap.
 
 /// The device's end of a Unix datagram pair: one datagram = one frame with
-/// its vnet header, like a tap with IFF_VNET_HDR.
-struct SockBackend(UnixDatagram);
+/// its vnet header, like a tap with IFF_VNET_HDR. `dropped` is set when
+/// the device lets go of it (a closed peer is no proof: a process forked
+/// by another test may hold a copy of the descriptor for a while).
+struct SockBackend(UnixDatagram, Arc<AtomicBool>);
+
+impl Drop for SockBackend {
+    fn drop(&mut self) {
+        self.1.store(true, Ordering::SeqCst);
+    }
+}
 
 impl NetBackend for SockBackend {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -458,11 +466,19 @@ impl NetBackend for SockBackend {
 
 /// A device on a socket pair, and the host's end of the pair.
 fn sock_device() -> (Net, UnixDatagram) {
+    let (dev, host, _) = sock_device_flagged();
+    (dev, host)
+}
+
+/// [`sock_device`] and the backend's dropped flag.
+fn sock_device_flagged() -> (Net, UnixDatagram, Arc<AtomicBool>) {
     let (dev_end, host) = UnixDatagram::pair().unwrap();
     dev_end.set_nonblocking(true).unwrap();
     host.set_read_timeout(Some(WAIT)).unwrap();
-    let dev = Net::with_backend(Box::new(SockBackend(dev_end)), MAC).unwrap();
-    (dev, host)
+    let dropped = Arc::new(AtomicBool::new(false));
+    let backend = SockBackend(dev_end, dropped.clone());
+    let dev = Net::with_backend(Box::new(backend), MAC).unwrap();
+    (dev, host, dropped)
 }
 
 /// The next datagram the device wrote.
@@ -567,7 +583,8 @@ fn mtu_is_offered_and_enforced() {
 fn invalid_macs_are_refused() {
     for mac in [[0u8; 6], [0x01, 0, 0x5e, 0, 0, 1], BROADCAST] {
         let (a, _b) = UnixDatagram::pair().unwrap();
-        let err = Net::with_backend(Box::new(SockBackend(a)), mac).unwrap_err();
+        let backend = SockBackend(a, Arc::new(AtomicBool::new(false)));
+        let err = Net::with_backend(Box::new(backend), mac).unwrap_err();
         assert!(matches!(err, NetError::InvalidMac(_)), "{err}");
     }
 }
@@ -885,14 +902,17 @@ fn reset_keeps_the_backend_for_the_next_activation() {
 
 #[test]
 fn shutdown_joins_the_worker_and_closes_the_backend() {
-    let (mut dev, host) = sock_device();
+    let (mut dev, host, dropped) = sock_device_flagged();
     let mut g = Guest::start(&mut dev);
     g.add_rx(2);
+    assert!(!dropped.load(Ordering::SeqCst));
     dev.shutdown();
     assert!(!dev.is_active());
-    // The worker gave the backend back when it ended and shutdown closed
-    // it: the host's end sees its peer gone.
-    assert!(host.send(&[0u8; 40]).is_err());
+    // The worker gave the backend back when it ended (the thread was
+    // joined) and shutdown closed it.
+    assert!(dropped.load(Ordering::SeqCst));
+    host.send(&with_hdr([0; VNET_HDR_LEN], &frame(MAC, PEER_MAC, &[])))
+        .ok();
     dev.shutdown();
     assert!(!dev.reset());
     let err = dev
@@ -912,10 +932,10 @@ fn shutdown_joins_the_worker_and_closes_the_backend() {
 
 #[test]
 fn drop_stops_the_worker() {
-    let (mut dev, host) = sock_device();
+    let (mut dev, _host, dropped) = sock_device_flagged();
     let _g = Guest::start(&mut dev);
     drop(dev);
-    assert!(host.send(&[0u8; 40]).is_err());
+    assert!(dropped.load(Ordering::SeqCst));
 }
 
 // ---------------------------------------------------------------------------
@@ -1131,9 +1151,14 @@ fn tap_in_a_netns_carries_frames_both_ways() {
     assert_eq!((s.tx_frames, s.tx_dropped, s.tx_bad_chains), (3, 1, 0));
     assert!(s.rx_frames >= 3);
 
-    // The tap is ours: closing the device deletes it.
+    // The tap is ours: closing the device deletes it (soon: a process
+    // forked meanwhile by another test may hold the descriptor briefly).
     drop(dev);
-    assert_eq!(in_netns(&path, || if_index("embt0")).unwrap(), 0);
+    let deadline = Instant::now() + WAIT;
+    while in_netns(&path, || if_index("embt0")).unwrap() != 0 {
+        assert!(Instant::now() < deadline, "tap still there");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -1182,6 +1207,27 @@ fn tap_bursts_both_ways() {
     assert_eq!((s.rx_dropped, s.rx_bad_chains), (0, 0));
 }
 
+/// Creates a persistent tap `name` (plain IFF_TAP | IFF_NO_PI) in the
+/// calling thread's namespace and closes it.
+fn make_persistent_tap(name: &str) -> io::Result<()> {
+    use super::tap::IfReq;
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq::new(name);
+    req.flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the ifreq, which outlives the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes its flag as the argument value.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[test]
 fn attaches_to_a_persistent_tap() {
     if !can_use_taps() {
@@ -1189,21 +1235,12 @@ fn attaches_to_a_persistent_tap() {
     }
     let Some(ns) = new_netns() else { return };
     let path = ns_path(&ns);
-    // As an operator (or CNI plugin) would create it beforehand, without
-    // IFF_VNET_HDR.
-    let made = in_netns(&path, || {
-        std::process::Command::new("ip")
-            .args(["tuntap", "add", "dev", "embp0", "mode", "tap"])
-            .status()
-    })
-    .unwrap();
-    match made {
-        Ok(st) if st.success() => {}
-        other => {
-            eprintln!("SKIPPED: cannot run `ip tuntap add`: {other:?}");
-            return;
-        }
-    }
+    // As `ip tuntap add dev embp0 mode tap` would create it beforehand
+    // (without IFF_VNET_HDR); done in-process, as forking here would hand
+    // copies of other tests' descriptors to a child.
+    in_netns(&path, || make_persistent_tap("embp0"))
+        .unwrap()
+        .unwrap();
     let mut dev = Net::open_tap_in_netns(&path, "embp0", MAC).unwrap();
     let sock = bring_up(&path, "embp0");
     let mut g = Guest::start(&mut dev);
