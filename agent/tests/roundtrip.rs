@@ -61,22 +61,31 @@ async fn health_version_settime_unimplemented_shutdown() {
     );
     assert_eq!(code, Code::INVALID_ARGUMENT);
 
-    // Not yet implemented methods say so.
+    // Container methods validate their input.
     let (code, msg) = code_of(
         agent
             .create_container(ctx(), &CreateContainerRequest::new())
             .await
             .unwrap_err(),
     );
-    assert_eq!(code, Code::UNIMPLEMENTED);
-    assert!(msg.contains("CreateContainer"), "{msg}");
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("container id"), "{msg}");
     let (code, _) = code_of(
         agent
-            .get_oom_event(ctx(), &GetOOMEventRequest::new())
+            .wait_process(ctx(), &WaitProcessRequest::new())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, Code::NOT_FOUND);
+    // Not yet implemented methods say so.
+    let (code, msg) = code_of(
+        agent
+            .update_routes(ctx(), &UpdateRoutesRequest::new())
             .await
             .unwrap_err(),
     );
     assert_eq!(code, Code::UNIMPLEMENTED);
+    assert!(msg.contains("UpdateRoutes"), "{msg}");
 
     // Shutdown answers first, then fires the signal; Health turns NOT_SERVING.
     agent

@@ -198,7 +198,14 @@ pub fn resource_writes(r: &LinuxResources) -> Result<Vec<(String, String)>, Stri
 /// available) are skipped with a log line; other failures are errors.
 pub fn apply(dir: &Path, r: &LinuxResources) -> Result<(), String> {
     for (file, value) in resource_writes(r)? {
-        match std::fs::write(dir.join(&file), &value) {
+        let path = dir.join(&file);
+        // cgroupfs answers EACCES (not ENOENT) for files that do not exist.
+        let res = if path.exists() {
+            std::fs::write(&path, &value)
+        } else {
+            Err(io::ErrorKind::NotFound.into())
+        };
+        match res {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::info!(

@@ -395,6 +395,10 @@ impl Manager {
         if pidns.is_some() && restore_pidns.is_none() {
             return Err(internal("open /proc/self/ns/pid", "unavailable"));
         }
+        // Final address of the plan BEFORE cloning: the child reads it
+        // through this pointer (moving it afterwards, e.g. Box -> Arc,
+        // would free the memory the child is reading).
+        let mut plan: Arc<ChildPlan> = Arc::from(plan);
         let mut stack = vec![0u8; CHILD_STACK].into_boxed_slice();
         let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
 
@@ -412,7 +416,10 @@ impl Manager {
                 }
                 // SAFETY: initialised by pthread_sigmask; the kernel's
                 // sigset is the first 64 bits of glibc's.
-                plan.sigmask = unsafe { *(old.as_ptr() as *const u64) };
+                let mask = unsafe { *(old.as_ptr() as *const u64) };
+                if let Some(p) = Arc::get_mut(&mut plan) {
+                    p.sigmask = mask;
+                }
                 let restore_mask = || {
                     // SAFETY: restores the mask saved above.
                     unsafe {
@@ -427,7 +434,7 @@ impl Manager {
                         return Err(io::Error::new(e.kind(), format!("setns(pid): {e}")));
                     }
                 }
-                let arg = &*plan as *const ChildPlan as *mut c_void;
+                let arg = Arc::as_ptr(&plan) as *mut c_void;
                 // SAFETY: CLONE_VM child on its own stack, running
                 // `child_main` on the plan, which (like the stack) is kept
                 // alive by the exit task below until the child exits.
@@ -466,7 +473,6 @@ impl Manager {
             drop(r);
             w
         });
-        let plan: Arc<ChildPlan> = Arc::from(plan);
         let (tx, rx) = watch::channel(None);
         let keep = plan.clone();
         tokio::spawn(async move {
