@@ -30,6 +30,20 @@ pub struct FsShareConfig {
     pub shared_dir: PathBuf,
 }
 
+/// A virtio-net interface backed by a tap device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Tap name (created if missing; `tap%d` templates work).
+    pub tap: String,
+    /// Open the tap inside this network namespace (e.g. a CNI pod netns);
+    /// none: the VMM's own namespace.
+    pub netns: Option<PathBuf>,
+    /// The guest interface's MAC.
+    pub mac: [u8; 6],
+    /// Offered to the guest (VIRTIO_NET_F_MTU) when set.
+    pub mtu: Option<u16>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     pub vcpus: u8,
@@ -45,6 +59,9 @@ pub struct VmConfig {
     /// virtio-fs shares, one device each.
     #[serde(default)]
     pub fs_shares: Vec<FsShareConfig>,
+    /// virtio-net interfaces, one device each.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
     /// Guest console output goes here (appended); none: discarded.
     pub console_log: Option<PathBuf>,
     #[serde(default)]
@@ -74,6 +91,7 @@ impl VmConfig {
             cmdline_extra: String::new(),
             vsock: None,
             fs_shares: Vec::new(),
+            net: Vec::new(),
             console_log: None,
             cpu_template: CpuTemplate::Auto,
         }

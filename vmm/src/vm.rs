@@ -26,6 +26,7 @@ use crate::devices::virtio::fs::{FsError, FsOptions, VirtioFs};
 use crate::devices::virtio::mmio::{
     cmdline_device, MmioInterrupt, MmioTransport, NOTIFY_REG_OFFSET,
 };
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitReason, ExitSignal};
@@ -68,6 +69,12 @@ pub enum VmError {
     },
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error("virtio-net {tap}: {source}")]
+    Net {
+        tap: String,
+        #[source]
+        source: NetError,
+    },
     #[error("virtio-fs share {tag}: {source}")]
     Fs {
         tag: String,
@@ -323,6 +330,21 @@ impl Vm {
                     tag: share.tag.clone(),
                     source,
                 })?;
+            virtio.push(Arc::new(Mutex::new(dev)));
+        }
+        for nic in &config.net {
+            let net_err = |source| VmError::Net {
+                tap: nic.tap.clone(),
+                source,
+            };
+            let mut dev = match &nic.netns {
+                Some(ns) => Net::open_tap_in_netns(ns, &nic.tap, nic.mac),
+                None => Net::open_tap(&nic.tap, nic.mac),
+            }
+            .map_err(net_err)?;
+            if let Some(mtu) = nic.mtu {
+                dev = dev.with_mtu(mtu).map_err(net_err)?;
+            }
             virtio.push(Arc::new(Mutex::new(dev)));
         }
         if let Origin::Restore(state, _) = origin {

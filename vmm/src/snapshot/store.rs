@@ -91,6 +91,7 @@ impl TemplateStore {
             h.update(share.tag.as_bytes());
             h.update([0]);
         }
+        h.update((config.net.len() as u32).to_le_bytes());
         let digest = h.finalize();
         Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
     }
