@@ -477,7 +477,7 @@ async fn exec_signals_and_cgroups() {
         .unwrap();
     let out = a.reader(e.stdio_ports.stdout_port).await;
     assert_eq!(a.wait("s", "e1").await.exit_status, 7);
-    assert_eq!(done(out).await, "exec-out\nsleep\0300\0");
+    assert_eq!(done(out).await, "exec-out\nsleep\x00300\x00");
     let (code, _) = code_of(
         a.exec("s", "e1", &["true"], Stdio::new())
             .await

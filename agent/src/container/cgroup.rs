@@ -18,7 +18,7 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// Whether `path` is on a cgroup v2 file system.
 pub fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
         .unwrap_or(false)
 }
 

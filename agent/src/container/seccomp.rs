@@ -28,7 +28,8 @@ use oci_spec::runtime::{
 
 use super::syscalls;
 
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+/// BPF_LD | BPF_W | BPF_ABS (0x00 | 0x00 | 0x20).
+const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JMP: u16 = 0x05;
 const BPF_JA: u16 = 0x00;
 const BPF_JEQ: u16 = 0x10;
