@@ -260,7 +260,7 @@ impl CtrOutput {
             }
         }
         format!(
-            "`ctr {}` -> code={:?} signal={:?}{} after {:.2}s\n  stdout: {}\n  stderr: {}",
+            "`ctr {}` -> code={:?} signal={:?}{} after {:.2}s\n  stderr: {}\n  stdout: {}",
             self.args.join(" "),
             self.code,
             self.signal,
@@ -270,8 +270,8 @@ impl CtrOutput {
                 ""
             },
             self.duration.as_secs_f64(),
-            clip(&self.stdout).trim_end(),
-            clip(&self.stderr).trim_end()
+            clip(&self.stderr).trim_end(),
+            clip(&self.stdout).trim_end()
         )
     }
 
@@ -1071,9 +1071,11 @@ impl PtySession {
     }
 
     /// Waits until the output after byte `from` contains `needle`; returns
-    /// the end offset of the match.
-    pub fn expect_from(&self, from: usize, needle: &str, timeout: Duration) -> Result<usize> {
+    /// the end offset of the match. Fails at `timeout`, or soon after the
+    /// process exited without printing it.
+    pub fn expect_from(&mut self, from: usize, needle: &str, timeout: Duration) -> Result<usize> {
         let start = Instant::now();
+        let mut exited: Option<(ExitStatus, Instant)> = None;
         loop {
             {
                 let out = self.output.lock().unwrap();
@@ -1085,6 +1087,20 @@ impl PtySession {
                     {
                         return Ok(from + i + needle.len());
                     }
+                }
+            }
+            if exited.is_none() {
+                if let Ok(Some(st)) = self.child.try_wait() {
+                    exited = Some((st, Instant::now()));
+                }
+            }
+            if let Some((st, at)) = exited {
+                // Let the reader drain what is left, then give up.
+                if at.elapsed() > Duration::from_millis(500) {
+                    bail!(
+                        "the process exited ({st}) before {needle:?} appeared on the pty; output: {:?}",
+                        self.output()
+                    );
                 }
             }
             if start.elapsed() > timeout {

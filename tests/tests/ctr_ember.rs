@@ -834,7 +834,13 @@ fn ember_containers_through_ctr() {
             }
             Outcome::Failed(m) => {
                 failed += 1;
-                format!("FAILED: {}", m.lines().next().unwrap_or(""))
+                let one: String = m
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && *l != "stdout:")
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                format!("FAILED: {}", one.chars().take(400).collect::<String>())
             }
             Outcome::Skipped(m) => {
                 skipped += 1;
