@@ -11,6 +11,15 @@
 //! For host-side testing, the binary serves on a Unix socket instead when it
 //! is not PID 1 and `EMBER_AGENT_TEST_LISTEN=<path>` is set ([`Mode::Test`]);
 //! it then never mounts, never sets the clock and never reboots.
+//!
+//! Environment (see [`service::Config`]):
+//! - `EMBER_AGENT_CGROUP_ROOT`: parent of the container cgroups (cgroup v2;
+//!   default `/sys/fs/cgroup/ember` in the VM, no cgroups in test mode
+//!   unless set);
+//! - test mode only: `EMBER_AGENT_RUN_DIR` (state; the stdio listeners are
+//!   Unix sockets `<run dir>/stdio-<port>.sock` instead of vsock ports) and
+//!   `EMBER_AGENT_SHARED_DIR` (stands in for `/run/ember/shared`: spec
+//!   and rootfs paths under `/run/ember/shared` are rewritten to it).
 
 pub mod cmdline;
 pub mod console;
