@@ -1,0 +1,285 @@
+//! The Ember configuration: a TOML file, `/etc/ember/config.toml` unless the
+//! environment variable `EMBER_CONFIG` names another one. Every key is
+//! optional; a missing default file means all defaults.
+//! `deploy/config.toml` documents every key with its default.
+//!
+//! The shim reads it on every start (containerd passes its environment to
+//! shims, so `EMBER_CONFIG` set for containerd reaches the shim), and the
+//! `ember` CLI reads the same file the same way.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ember_vmm::arch::x86_64::mptable::MAX_VCPUS;
+use ember_vmm::memory::MIN_MEM_MIB;
+use ember_vmm::CpuTemplate;
+use serde::{Deserialize, Serialize};
+
+use crate::annotations;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ember/config.toml";
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "EMBER_CONFIG";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Uncompressed ELF guest kernel (`vmlinux`).
+    pub kernel: PathBuf,
+    /// Uncompressed newc initrd holding the agent as `/init`.
+    pub initrd: PathBuf,
+    /// Extra guest kernel parameters, appended to what the VMM and the CPU
+    /// template set.
+    pub kernel_params: String,
+    /// `auto`, `host` or `emulated` (see the README).
+    pub cpu_template: CpuTemplate,
+    /// Shim log level (a tracing filter: `info`, `debug`,
+    /// `info,ember_vmm=debug`, ...). `RUST_LOG` overrides it; containerd in
+    /// debug mode makes it `debug`.
+    pub log_level: String,
+    /// vCPUs of a pod whose workload states no CPU limit.
+    pub default_vcpus: u8,
+    /// Guest memory (MiB) of a pod whose workload states no memory limit.
+    pub default_memory_mib: u32,
+    /// Added to a workload's memory limit to size its VM: the guest kernel,
+    /// the agent and page cache live there too.
+    pub memory_overhead_mib: u32,
+    /// Upper bound for the vCPUs of one VM.
+    pub max_vcpus: u8,
+    /// Upper bound for the guest memory of one VM (MiB).
+    pub max_memory_mib: u32,
+    /// Per-pod state lives in `<state_dir>/<namespace>/<pod>/`.
+    pub state_dir: PathBuf,
+    /// How long a VM may take from start to its agent answering.
+    pub boot_timeout_secs: u64,
+    /// Deadline of one ordinary agent request (create, start, signal,
+    /// stats, ...). Long polls (process exits, OOM events) have none.
+    pub agent_timeout_secs: u64,
+    /// Which `io.ember.*` annotations may override per-pod settings:
+    /// any of `io.ember.vcpus`, `io.ember.memory_mib`,
+    /// `io.ember.kernel_params`. An annotation not listed here is refused.
+    pub enable_annotations: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kernel: "/var/lib/ember/vmlinux".into(),
+            initrd: "/var/lib/ember/initrd.img".into(),
+            kernel_params: String::new(),
+            cpu_template: CpuTemplate::Auto,
+            log_level: "info".into(),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            memory_overhead_mib: 128,
+            max_vcpus: 8,
+            max_memory_mib: 16384,
+            state_dir: "/run/ember".into(),
+            boot_timeout_secs: 600,
+            agent_timeout_secs: 120,
+            enable_annotations: Vec::new(),
+        }
+    }
+}
+
+/// Where a config came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    /// The default path does not exist: all defaults.
+    Defaults(PathBuf),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Defaults(p) => write!(f, "defaults ({} does not exist)", p.display()),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config from `$EMBER_CONFIG` or the default path. A missing
+    /// default file gives the defaults; a missing file named by
+    /// `EMBER_CONFIG` is an error (it is surely a mistake).
+    pub fn load() -> anyhow::Result<(Config, Source)> {
+        match std::env::var_os(CONFIG_ENV) {
+            Some(p) if !p.is_empty() => {
+                let path = PathBuf::from(p);
+                Ok((Self::load_file(&path)?, Source::File(path)))
+            }
+            _ => {
+                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+                if path.exists() {
+                    Ok((Self::load_file(&path)?, Source::File(path)))
+                } else {
+                    Ok((Config::default(), Source::Defaults(path)))
+                }
+            }
+        }
+    }
+
+    pub fn load_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading Ember config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("Ember config {}", path.display()))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_vcpus == 0 || self.max_vcpus > MAX_VCPUS {
+            bail!(
+                "max_vcpus must be between 1 and {MAX_VCPUS}, not {}",
+                self.max_vcpus
+            );
+        }
+        if self.default_vcpus == 0 || self.default_vcpus > self.max_vcpus {
+            bail!(
+                "default_vcpus must be between 1 and max_vcpus ({}), not {}",
+                self.max_vcpus,
+                self.default_vcpus
+            );
+        }
+        if self.max_memory_mib < MIN_MEM_MIB {
+            bail!(
+                "max_memory_mib must be at least {MIN_MEM_MIB}, not {}",
+                self.max_memory_mib
+            );
+        }
+        if self.default_memory_mib < MIN_MEM_MIB || self.default_memory_mib > self.max_memory_mib {
+            bail!(
+                "default_memory_mib must be between {MIN_MEM_MIB} and max_memory_mib ({}), not {}",
+                self.max_memory_mib,
+                self.default_memory_mib
+            );
+        }
+        if self.boot_timeout_secs == 0 {
+            bail!("boot_timeout_secs must be more than 0");
+        }
+        if self.agent_timeout_secs == 0 {
+            bail!("agent_timeout_secs must be more than 0");
+        }
+        if !self.state_dir.is_absolute() {
+            bail!(
+                "state_dir must be an absolute path, not {}",
+                self.state_dir.display()
+            );
+        }
+        for name in &self.enable_annotations {
+            if !annotations::OVERRIDABLE.contains(&name.as_str()) {
+                bail!(
+                    "enable_annotations: {name:?} is not an annotation Ember accepts (known: {})",
+                    annotations::OVERRIDABLE.join(", ")
+                );
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| anyhow::anyhow!("log_level {:?}: {e}", self.log_level))?;
+        Ok(())
+    }
+
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    /// Whether annotation `name` may override a per-pod setting.
+    pub fn annotation_enabled(&self, name: &str) -> bool {
+        self.enable_annotations.iter().any(|a| a == name)
+    }
+
+    /// The effective config as TOML (for `ember config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn keys_parse() {
+        let c = Config::parse(
+            r#"
+            kernel = "/k"
+            initrd = "/i"
+            cpu_template = "emulated"
+            log_level = "debug"
+            default_vcpus = 2
+            default_memory_mib = 512
+            memory_overhead_mib = 64
+            max_vcpus = 4
+            max_memory_mib = 2048
+            state_dir = "/tmp/ember"
+            boot_timeout_secs = 30
+            agent_timeout_secs = 10
+            kernel_params = "quiet"
+            enable_annotations = ["io.ember.vcpus", "io.ember.memory_mib"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.cpu_template, CpuTemplate::Emulated);
+        assert_eq!(c.default_vcpus, 2);
+        assert_eq!(c.boot_timeout(), Duration::from_secs(30));
+        assert!(c.annotation_enabled("io.ember.vcpus"));
+        assert!(!c.annotation_enabled("io.ember.kernel_params"));
+    }
+
+    #[test]
+    fn the_rendered_config_parses_back() {
+        let c = Config {
+            enable_annotations: vec!["io.ember.kernel_params".into()],
+            ..Config::default()
+        };
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = |t: &str| format!("{:#}", Config::parse(t).unwrap_err());
+        assert!(err("kernal = \"/k\"").contains("unknown field `kernal`"));
+        assert!(err("cpu_template = \"fast\"").contains("unknown variant"));
+        assert!(err("default_vcpus = 0").contains("default_vcpus"));
+        assert!(err("max_vcpus = 64").contains("max_vcpus"));
+        assert!(err("default_vcpus = 4\nmax_vcpus = 2").contains("default_vcpus"));
+        assert!(err("default_memory_mib = 16").contains("default_memory_mib"));
+        assert!(err("boot_timeout_secs = 0").contains("boot_timeout_secs"));
+        assert!(err("state_dir = \"run/ember\"").contains("absolute"));
+        assert!(err("enable_annotations = [\"io.ember.group\"]").contains("io.ember.group"));
+        assert!(err("log_level = \"info,=[\"").contains("log_level"));
+    }
+
+    #[test]
+    fn load_honours_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "default_vcpus = 2\n").unwrap();
+        // Only this test touches EMBER_CONFIG.
+        std::env::set_var(CONFIG_ENV, &path);
+        let (c, src) = Config::load().unwrap();
+        assert_eq!(c.default_vcpus, 2);
+        assert_eq!(src, Source::File(path.clone()));
+        std::env::set_var(CONFIG_ENV, dir.path().join("missing.toml"));
+        assert!(Config::load().is_err());
+        std::env::remove_var(CONFIG_ENV);
+    }
+}

@@ -1,0 +1,12 @@
+//! Host-side resources of a pod: what has to exist on the host, and how the
+//! spec has to change, so a container can run in the guest.
+//!
+//! - [`mount`]: mount(2) helpers and unmount bookkeeping;
+//! - [`rootfs`]: a container's rootfs and volumes into the virtio-fs share;
+//! - [`spec`]: the OCI spec from host terms into guest terms;
+//! - [`sizing`]: vCPUs and memory of the pod's VM.
+
+pub mod mount;
+pub mod rootfs;
+pub mod sizing;
+pub mod spec;

@@ -1,0 +1,266 @@
+//! Putting a container's root file system and volumes into the pod's
+//! virtio-fs share, and taking them out again.
+//!
+//! For `ctr run` (and CRI), containerd does not mount the image snapshot
+//! itself: it passes the overlay mount in `CreateTaskRequest.rootfs`, and
+//! the shim mounts it on `<bundle>/rootfs`, as runc's shim does. That
+//! directory is then bound (recursively, with private propagation) at
+//! `<share>/<container>/rootfs`, which the guest sees at
+//! `/run/ember/shared/<container>/rootfs`. Writes land in the snapshot's
+//! upper directory, exactly as with runc.
+//!
+//! Nothing is ever removed recursively while something is still mounted
+//! below it: a leftover bind mount would turn the removal into deleting the
+//! user's data.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use ember_proto::agent;
+
+use super::mount::{self, MountRequest, MountStack};
+use super::spec::{HostBind, SharePaths};
+
+/// What the host did for one container.
+#[derive(Debug, Default)]
+pub struct PreparedContainer {
+    /// Every host mount made for the container, in order.
+    pub mounts: MountStack,
+    /// `<share>/<container>`.
+    pub container_dir: PathBuf,
+}
+
+/// The rootfs directory of a bundle: `root.path` of the spec (relative to
+/// the bundle), `rootfs` when unset.
+pub fn bundle_rootfs(bundle: &Path, spec_root_path: Option<&str>) -> PathBuf {
+    match spec_root_path {
+        Some(p) if !p.is_empty() => {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                bundle.join(p)
+            }
+        }
+        _ => bundle.join("rootfs"),
+    }
+}
+
+/// The rootfs mount the agent gets: a bind of the container's rootfs
+/// directory inside the share.
+pub fn guest_rootfs_mount(share: &SharePaths, container_id: &str) -> agent::Mount {
+    let mut m = agent::Mount::new();
+    m.fstype = "bind".into();
+    m.source = format!("{}/rootfs", share.container_guest(container_id));
+    m
+}
+
+/// Mounts containerd's rootfs mounts on the bundle rootfs, binds it and the
+/// spec's host binds into the share. Blocking (mount syscalls). On error,
+/// everything done so far is undone.
+pub fn prepare(
+    container_id: &str,
+    rootfs_dir: &Path,
+    rootfs_mounts: &[MountRequest],
+    share: &SharePaths,
+    binds: &[HostBind],
+) -> anyhow::Result<PreparedContainer> {
+    let container_dir = share.container_host(container_id);
+    if container_dir.exists() {
+        // Not ours to clean up: refuse before touching anything.
+        bail!(
+            "{} already exists: a container with this id is (or was) in this pod",
+            container_dir.display()
+        );
+    }
+    let mut prepared = PreparedContainer {
+        mounts: MountStack::default(),
+        container_dir,
+    };
+    match prepare_steps(&mut prepared, rootfs_dir, rootfs_mounts, binds) {
+        Ok(()) => Ok(prepared),
+        Err(e) => {
+            for undo in cleanup(&mut prepared) {
+                tracing::warn!("undoing a failed rootfs setup: {undo:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn prepare_steps(
+    prepared: &mut PreparedContainer,
+    rootfs_dir: &Path,
+    rootfs_mounts: &[MountRequest],
+    binds: &[HostBind],
+) -> anyhow::Result<()> {
+    if !rootfs_mounts.is_empty() {
+        std::fs::create_dir_all(rootfs_dir)
+            .with_context(|| format!("creating {}", rootfs_dir.display()))?;
+        for m in rootfs_mounts {
+            mount::mount_request(m, rootfs_dir)?;
+            prepared.mounts.push(rootfs_dir.to_path_buf());
+        }
+    } else if !rootfs_dir.is_dir() {
+        bail!(
+            "the container has no rootfs: no mounts from containerd and {} is not a directory",
+            rootfs_dir.display()
+        );
+    }
+
+    let shared_rootfs = prepared.container_dir.join("rootfs");
+    std::fs::create_dir_all(&shared_rootfs)
+        .with_context(|| format!("creating {}", shared_rootfs.display()))?;
+    mount::bind(rootfs_dir, &shared_rootfs, false)?;
+    prepared.mounts.push(shared_rootfs);
+
+    for b in binds {
+        let meta = std::fs::metadata(&b.source)
+            .with_context(|| format!("bind mount source {}", b.source.display()))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(&b.target)
+                .with_context(|| format!("creating {}", b.target.display()))?;
+        } else {
+            if let Some(parent) = b.target.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            std::fs::File::create(&b.target)
+                .with_context(|| format!("creating {}", b.target.display()))?;
+        }
+        mount::bind(&b.source, &b.target, b.readonly)?;
+        prepared.mounts.push(b.target.clone());
+    }
+    Ok(())
+}
+
+/// Unmounts everything of a container (last first) and removes its
+/// directory in the share if nothing is mounted below it any more.
+/// Blocking. Returns what failed.
+pub fn cleanup(prepared: &mut PreparedContainer) -> Vec<anyhow::Error> {
+    let mut errors = prepared.mounts.unmount_all();
+    if !prepared.container_dir.as_os_str().is_empty() {
+        if let Err(e) = remove_dir_if_unmounted(&prepared.container_dir) {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
+/// Removes `dir` recursively, but only if nothing is mounted at or below
+/// it. A missing directory is fine.
+pub fn remove_dir_if_unmounted(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let still = mount::mount_points_under(&info, dir);
+    if let Some(first) = still.first() {
+        bail!(
+            "not removing {}: {} is still mounted",
+            dir.display(),
+            first.display()
+        );
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rootfs_dir_follows_the_spec() {
+        let b = Path::new("/b");
+        assert_eq!(bundle_rootfs(b, None), PathBuf::from("/b/rootfs"));
+        assert_eq!(bundle_rootfs(b, Some("")), PathBuf::from("/b/rootfs"));
+        assert_eq!(bundle_rootfs(b, Some("fs")), PathBuf::from("/b/fs"));
+        assert_eq!(bundle_rootfs(b, Some("/abs")), PathBuf::from("/abs"));
+    }
+
+    #[test]
+    fn the_guest_gets_a_bind_of_the_shared_rootfs() {
+        let share = SharePaths::new("/run/ember/ns/pod/shared".into());
+        let m = guest_rootfs_mount(&share, "c1");
+        assert_eq!(m.fstype, "bind");
+        assert_eq!(m.source, "/run/ember/shared/c1/rootfs");
+        assert!(m.target.is_empty());
+    }
+
+    #[test]
+    fn prepare_and_cleanup_round_trip() {
+        // Needs CAP_SYS_ADMIN for the binds; skipped when not root.
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle");
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        let vol = dir.path().join("vol");
+        std::fs::create_dir_all(&vol).unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let share = SharePaths::new(dir.path().join("shared"));
+        let binds = vec![
+            HostBind {
+                source: vol.clone(),
+                target: share.container_host("c1").join("mounts/0"),
+                readonly: false,
+            },
+            HostBind {
+                source: hosts,
+                target: share.container_host("c1").join("mounts/1"),
+                readonly: true,
+            },
+        ];
+        let mut p = prepare("c1", &rootfs, &[], &share, &binds).unwrap();
+        assert_eq!(p.mounts.len(), 3);
+        assert!(share.container_host("c1").join("rootfs/bin").is_dir());
+        assert!(
+            std::fs::read_to_string(share.container_host("c1").join("mounts/1"))
+                .unwrap()
+                .contains("localhost")
+        );
+        // A second container with the same id is refused.
+        assert!(prepare("c1", &rootfs, &[], &share, &[]).is_err());
+        assert!(cleanup(&mut p).is_empty());
+        assert!(!share.container_host("c1").exists());
+        assert!(rootfs.join("bin").is_dir(), "the source is untouched");
+
+        // A missing bind source fails and undoes the rootfs bind.
+        let bad = vec![HostBind {
+            source: dir.path().join("missing"),
+            target: share.container_host("c2").join("mounts/0"),
+            readonly: false,
+        }];
+        let e = prepare("c2", &rootfs, &[], &share, &bad).unwrap_err();
+        assert!(format!("{e:#}").contains("missing"), "{e:#}");
+        assert!(!share.container_host("c2").exists());
+    }
+
+    #[test]
+    fn removal_refuses_mounted_trees() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("precious"), "x").unwrap();
+        std::fs::create_dir_all(tree.join("m")).unwrap();
+        mount::bind(&src, &tree.join("m"), false).unwrap();
+        assert!(remove_dir_if_unmounted(&tree).is_err());
+        assert!(src.join("precious").exists());
+        mount::unmount(&tree.join("m")).unwrap();
+        remove_dir_if_unmounted(&tree).unwrap();
+        assert!(!tree.exists());
+        assert!(src.join("precious").exists());
+    }
+}

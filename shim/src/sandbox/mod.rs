@@ -1,0 +1,1035 @@
+//! A pod's sandbox: one microVM, its agent, and the containers in it.
+//!
+//! - [`boot`]: start a VM and wait for its agent (shared with
+//!   `ember bench boot`);
+//! - [`agent`]: typed agent calls with deadlines;
+//! - [`container`], [`process`]: the registry of containers and processes;
+//! - [`monitor`]: VM supervision, death signal, agent health;
+//! - [`oom`]: the OOM event long poll;
+//! - [`paths`]: the pod's state directory layout.
+//!
+//! The sandbox owns the process lifecycle and publishes its events
+//! (TaskCreate, TaskStart, TaskExecAdded, TaskExecStarted, TaskExit,
+//! TaskOOM, TaskPaused, TaskResumed, TaskDelete), so their order follows
+//! what actually happened.
+
+pub mod agent;
+pub mod boot;
+pub mod container;
+pub mod monitor;
+pub mod oom;
+pub mod paths;
+pub mod process;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused, TaskResumed,
+    TaskStart,
+};
+use containerd_shim_protos::protobuf::MessageField;
+use containerd_shim_protos::types::mount::Mount as ContainerdMount;
+use ember_proto::agent::*;
+use ember_vmm::{FsShareConfig, VmConfig, VsockConfig};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use self::agent::Agent;
+use self::boot::{boot_vm, BootReport};
+use self::container::Container;
+use self::monitor::{DeathSignal, VmHandle};
+use self::oom::{OomTracker, OOM_GRACE};
+use self::paths::SandboxPaths;
+use self::process::{Exit, Process, Status, UNKNOWN_EXIT_STATUS};
+use crate::annotations;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::events::{self, EventSink};
+use crate::io::{ProcessIo, StdioPaths};
+use crate::resources::mount::{self, MountRequest};
+use crate::resources::rootfs;
+use crate::resources::sizing::VmSize;
+use crate::resources::spec::{self as ocispec, SharePaths, GUEST_SHARED_DIR};
+
+/// The virtio-fs tag of the pod's share.
+pub const SHARE_TAG: &str = "ember";
+/// The guest's vsock CID. Every VM may use the same one: the vsock device
+/// is this process' own, reached through a per-VM Unix socket (hybrid
+/// vsock), not the host kernel's vhost-vsock, so CIDs never meet.
+pub const GUEST_CID: u32 = 3;
+/// SIGKILL.
+const SIGKILL: u32 = 9;
+/// How long the guest gets to power off after the agent's Shutdown.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// Deadline of the agent's Shutdown call.
+const SHUTDOWN_CALL: Duration = Duration::from_secs(10);
+/// How long output may still flow after the VM is gone.
+const DEAD_VM_OUTPUT: Duration = Duration::from_secs(2);
+/// How long deleting a container waits for its execs to exit (they die
+/// with the container's init, as its pid namespace ends).
+const EXEC_EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// What the pod's VM is built from.
+#[derive(Debug, Clone)]
+pub struct SandboxSetup {
+    pub namespace: String,
+    pub id: String,
+    pub size: VmSize,
+    /// `io.ember.kernel_params`, if allowed and given.
+    pub kernel_params: Option<String>,
+}
+
+/// A container to create.
+#[derive(Debug, Clone)]
+pub struct NewContainer {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub spec: Value,
+    pub rootfs: Vec<MountRequest>,
+    pub stdio: StdioPaths,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub paths: SandboxPaths,
+    pub share: SharePaths,
+    pub boot: BootReport,
+    agent: Agent,
+    events: EventSink,
+    containers: RwLock<HashMap<String, Arc<Container>>>,
+    oom: Arc<OomTracker>,
+    death: DeathSignal,
+    stopping: Arc<AtomicBool>,
+    vm: Arc<VmHandle>,
+    background: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The VM config of a pod.
+pub fn vm_config(config: &Config, paths: &SandboxPaths, setup: &SandboxSetup) -> VmConfig {
+    let mut vm = VmConfig::new(&config.kernel);
+    vm.initrd = Some(config.initrd.clone());
+    vm.vcpus = setup.size.vcpus;
+    vm.mem_mib = setup.size.mem_mib;
+    vm.cpu_template = config.cpu_template;
+    vm.cmdline_extra = [
+        config.kernel_params.as_str(),
+        setup.kernel_params.as_deref().unwrap_or(""),
+    ]
+    .iter()
+    .map(|s| s.trim())
+    .filter(|s| !s.is_empty())
+    .collect::<Vec<_>>()
+    .join(" ");
+    vm.vsock = Some(VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: paths.vsock.clone(),
+    });
+    vm.fs_shares = vec![FsShareConfig {
+        tag: SHARE_TAG.into(),
+        shared_dir: paths.shared.clone(),
+    }];
+    vm.console_log = Some(paths.console_log.clone());
+    vm
+}
+
+/// Creates the pod's state directory (cleaning what a crashed shim may
+/// have left there) and makes its share a private mount, so that nothing
+/// mounted below it propagates anywhere else. Blocking.
+fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if paths.state_dir.exists() {
+        tracing::warn!(
+            "{} exists (left by a crashed shim?); cleaning it",
+            paths.state_dir.display()
+        );
+        for e in cleanup_state(paths) {
+            tracing::warn!("{e:#}");
+        }
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.shared)
+        .with_context(|| format!("creating {}", paths.shared.display()))?;
+    if let Some(dir) = paths.vsock.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    mount::bind(&paths.shared, &paths.shared, false)
+        .context("making the pod's share a private mount")?;
+    Ok(())
+}
+
+/// Removes everything of a pod from the host: unmounts what is mounted
+/// under its state directory (deepest first), removes the directory, and
+/// the socket if it lives elsewhere. Used at teardown and by `delete`
+/// after a crash. Blocking. Returns what failed.
+pub fn cleanup_state(paths: &SandboxPaths) -> Vec<anyhow::Error> {
+    let mut errors = mount::unmount_all_under(&paths.state_dir);
+    if let Err(e) = rootfs::remove_dir_if_unmounted(&paths.state_dir) {
+        errors.push(e);
+    }
+    if paths.vsock_outside_state_dir() {
+        if let Err(e) = std::fs::remove_file(&paths.vsock) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errors.push(anyhow::Error::from(e).context("removing the vsock socket"));
+            }
+        }
+    }
+    // The namespace directory, if this was its last pod.
+    if let Some(ns_dir) = paths.state_dir.parent() {
+        let _ = std::fs::remove_dir(ns_dir);
+    }
+    errors
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(anyhow::anyhow!("{what}: {e}")))
+}
+
+impl Sandbox {
+    /// Boots the pod's VM and connects to its agent. Everything created on
+    /// the way is undone on failure.
+    pub async fn launch(
+        config: Arc<Config>,
+        events: EventSink,
+        setup: SandboxSetup,
+    ) -> Result<Arc<Sandbox>> {
+        let paths = SandboxPaths::new(&config.state_dir, &setup.namespace, &setup.id);
+        let p = paths.clone();
+        blocking("preparing the state directory", move || {
+            prepare_state_dir(&p)
+        })
+        .await?
+        .map_err(|e| Error::Internal(e.context("preparing the pod's state directory")))?;
+
+        let vm_config = vm_config(&config, &paths, &setup);
+        tracing::info!(
+            pod = %setup.id,
+            vcpus = vm_config.vcpus,
+            mem_mib = vm_config.mem_mib,
+            state = %paths.state_dir.display(),
+            "booting the pod's VM"
+        );
+        let booted = match boot_vm(vm_config, config.boot_timeout()).await {
+            Ok(b) => b,
+            Err(e) => {
+                let p = paths.clone();
+                let _ = blocking("cleaning up", move || cleanup_state(&p)).await;
+                return Err(Error::Internal(
+                    anyhow::Error::from(e).context("booting the pod's VM"),
+                ));
+            }
+        };
+        tracing::info!(pod = %setup.id, "pod VM ready: {}", booted.report);
+
+        let agent = Agent::new(booted.agent, config.agent_timeout());
+        let death = DeathSignal::default();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let vm = Arc::new(monitor::supervise(
+            booted.vm,
+            death.clone(),
+            stopping.clone(),
+            paths.console_log.display().to_string(),
+        ));
+        let sandbox = Arc::new(Sandbox {
+            id: setup.id.clone(),
+            share: SharePaths::new(paths.shared.clone()),
+            paths,
+            boot: booted.report,
+            agent,
+            events,
+            containers: RwLock::new(HashMap::new()),
+            oom: Arc::new(OomTracker::default()),
+            death,
+            stopping,
+            vm,
+            background: Mutex::new(Vec::new()),
+        });
+        if let Err(e) = sandbox.mount_share().await {
+            sandbox.shutdown().await;
+            return Err(e);
+        }
+        sandbox.start_background();
+        Ok(sandbox)
+    }
+
+    /// Mounts the pod's virtio-fs share in the guest.
+    async fn mount_share(&self) -> Result<()> {
+        let mut m = ember_proto::agent::Mount::new();
+        m.fstype = "virtiofs".into();
+        m.source = SHARE_TAG.into();
+        m.target = GUEST_SHARED_DIR.into();
+        let mut req = AddMountsRequest::new();
+        req.mounts.push(m);
+        match self.agent.add_mounts(&req).await {
+            Ok(_) => Ok(()),
+            Err(Error::Agent { code, message, .. })
+                if code == ttrpc::Code::UNIMPLEMENTED || code == ttrpc::Code::NOT_FOUND =>
+            {
+                // An agent without AddMounts cannot create containers
+                // either; let CreateContainer report that.
+                tracing::warn!("the agent cannot mount the pod's share yet: {message}");
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!(
+                "mounting the pod's virtio-fs share ({SHARE_TAG}) at {GUEST_SHARED_DIR} in the guest"
+            ))),
+        }
+    }
+
+    fn start_background(self: &Arc<Self>) {
+        let oom = tokio::spawn(oom::poll_oom_events(
+            self.agent.clone(),
+            self.oom.clone(),
+            self.events.clone(),
+        ));
+        let health = tokio::spawn(monitor::watch_agent_health(
+            self.agent.clone(),
+            self.death.clone(),
+            self.vm.clone(),
+        ));
+        // Processes nobody waits for (created, never started) get their
+        // exit from here when the VM dies.
+        let weak = Arc::downgrade(self);
+        let death = self.death.clone();
+        let reaper = tokio::spawn(async move {
+            let reason = death.wait().await;
+            if let Some(sb) = weak.upgrade() {
+                sb.on_death(&reason).await;
+            }
+        });
+        let mut bg = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        bg.extend([oom, health, reaper]);
+    }
+
+    async fn on_death(&self, reason: &str) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(pod = %self.id, "{reason}; every task of the pod exits with status {UNKNOWN_EXIT_STATUS}");
+        for c in self.containers() {
+            for p in std::iter::once(c.init.clone()).chain(c.all_execs()) {
+                if !p.has_waiter() {
+                    self.finish(&p, unknown_exit()).await;
+                }
+            }
+        }
+    }
+
+    /// Why the VM is unusable, if it is.
+    pub fn dead(&self) -> Option<String> {
+        self.death.reason()
+    }
+
+    fn ensure_alive(&self) -> Result<()> {
+        match self.death.reason() {
+            Some(r) => Err(Error::precondition(format!(
+                "{r}; delete the pod's containers"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn containers(&self) -> Vec<Arc<Container>> {
+        let c = self.containers.read().unwrap_or_else(|p| p.into_inner());
+        c.values().cloned().collect()
+    }
+
+    pub fn container_count(&self) -> usize {
+        self.containers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    pub fn has_container(&self, id: &str) -> bool {
+        self.containers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("container {id} does not exist")))
+    }
+
+    pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        self.container(id)?.process(exec_id)
+    }
+
+    // ---- create ----
+
+    pub async fn create_container(self: &Arc<Self>, new: NewContainer) -> Result<Arc<Container>> {
+        self.ensure_alive()?;
+        if self.has_container(&new.id) {
+            return Err(Error::AlreadyExists(format!(
+                "container {} already exists",
+                new.id
+            )));
+        }
+        let id = new.id.clone();
+        let ann = annotations::of_spec(&new.spec);
+        // A CRI container joins its sandbox container's namespaces.
+        let sandbox_pid = ann
+            .get(annotations::CRI_SANDBOX_ID)
+            .filter(|sid| **sid != id)
+            .and_then(|sid| self.container(sid).ok())
+            .map(|c| c.init.pid())
+            .filter(|pid| *pid != 0);
+        let guest = ocispec::rewrite(&new.spec, &id, &new.bundle, &self.share, sandbox_pid)?;
+        let rootfs_dir = rootfs::bundle_rootfs(&new.bundle, new.spec["root"]["path"].as_str());
+
+        let (cid, share, mounts, binds) = (
+            id.clone(),
+            self.share.clone(),
+            new.rootfs.clone(),
+            guest.binds.clone(),
+        );
+        let mut prepared = blocking("preparing the rootfs", move || {
+            rootfs::prepare(&cid, &rootfs_dir, &mounts, &share, &binds)
+        })
+        .await?
+        .map_err(|e| Error::Internal(e.context(format!("preparing the rootfs of {id}"))))?;
+
+        let undo_host = |mut prepared: rootfs::PreparedContainer| async move {
+            let _ = blocking("undoing the rootfs", move || {
+                for e in rootfs::cleanup(&mut prepared) {
+                    tracing::warn!("{e:#}");
+                }
+            })
+            .await;
+        };
+
+        let mut req = CreateContainerRequest::new();
+        req.container_id = id.clone();
+        req.oci_spec = serde_json::to_vec(&guest.spec)
+            .map_err(|e| Error::Internal(anyhow::Error::from(e).context("encoding the spec")))?;
+        req.rootfs
+            .push(rootfs::guest_rootfs_mount(&self.share, &id));
+        req.stdio = MessageField::some(new.stdio.request());
+        let started = Instant::now();
+        let resp = match self.agent.create_container(&req).await {
+            Ok(r) => r,
+            Err(e) => {
+                undo_host(std::mem::take(&mut prepared)).await;
+                return Err(e);
+            }
+        };
+
+        let init = Arc::new(Process::new(&id, "", new.stdio.clone(), None));
+        init.set_pid(resp.pid);
+        match ProcessIo::connect(
+            &self.paths.vsock,
+            &new.stdio,
+            resp.stdio_ports.get_or_default(),
+            self.agent.timeout(),
+            id.clone(),
+        )
+        .await
+        {
+            Ok(io) => init.attach_io(io),
+            Err(e) => {
+                // The guest has the container but we cannot talk to its
+                // stdio: take it down again.
+                let _ = self.signal(&id, "", SIGKILL, true).await;
+                let mut rm = RemoveContainerRequest::new();
+                rm.container_id = id.clone();
+                let _ = self.agent.remove_container(&rm).await;
+                undo_host(std::mem::take(&mut prepared)).await;
+                return Err(e);
+            }
+        }
+        tracing::info!(container = %id, pid = resp.pid, took = ?started.elapsed(), "container created");
+
+        let container = Arc::new(Container::new(
+            &id,
+            new.bundle.clone(),
+            new.rootfs.clone(),
+            init.clone(),
+            prepared,
+        ));
+        self.containers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), container.clone());
+
+        self.events
+            .publish(TaskCreate {
+                container_id: id.clone(),
+                bundle: new.bundle.display().to_string(),
+                rootfs: new
+                    .rootfs
+                    .iter()
+                    .map(|m| ContainerdMount {
+                        type_: m.fstype.clone(),
+                        source: m.source.clone(),
+                        options: m.options.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                io: MessageField::some(TaskIO {
+                    stdin: new.stdio.stdin.clone(),
+                    stdout: new.stdio.stdout.clone(),
+                    stderr: new.stdio.stderr.clone(),
+                    terminal: new.stdio.terminal,
+                    ..Default::default()
+                }),
+                pid: resp.pid,
+                ..Default::default()
+            })
+            .await;
+        Ok(container)
+    }
+
+    // ---- start, exec ----
+
+    /// Starts a container's init (`exec_id` empty) or an exec; returns the
+    /// guest pid.
+    pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
+        self.ensure_alive()?;
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        match p.status() {
+            Status::Created => {}
+            Status::Stopped => {
+                return Err(Error::precondition(format!(
+                    "process {} has already exited",
+                    p.label()
+                )))
+            }
+            _ => {
+                return Err(Error::precondition(format!(
+                    "process {} is already started",
+                    p.label()
+                )))
+            }
+        }
+        if p.is_init() {
+            let mut req = StartContainerRequest::new();
+            req.container_id = id.to_string();
+            let resp = self.agent.start_container(&req).await?;
+            p.set_running(resp.pid);
+            self.events
+                .publish(TaskStart {
+                    container_id: id.to_string(),
+                    pid: p.pid(),
+                    ..Default::default()
+                })
+                .await;
+        } else {
+            if c.init.status() == Status::Stopped {
+                return Err(Error::precondition(format!(
+                    "cannot start exec {exec_id}: container {id} has stopped"
+                )));
+            }
+            let mut req = ExecProcessRequest::new();
+            req.container_id = id.to_string();
+            req.exec_id = exec_id.to_string();
+            req.process = p.spec.clone().unwrap_or_default();
+            req.stdio = MessageField::some(p.stdio.request());
+            let resp = self.agent.exec_process(&req).await?;
+            p.set_pid(resp.pid);
+            let io = ProcessIo::connect(
+                &self.paths.vsock,
+                &p.stdio,
+                resp.stdio_ports.get_or_default(),
+                self.agent.timeout(),
+                p.label(),
+            )
+            .await;
+            p.set_running(resp.pid);
+            match io {
+                Ok(io) => p.attach_io(io),
+                Err(e) => {
+                    // Running without stdio is not what was asked for.
+                    let _ = self.signal(id, exec_id, SIGKILL, false).await;
+                    p.note_sigkill();
+                    self.spawn_waiter(p.clone());
+                    return Err(e);
+                }
+            }
+            self.events
+                .publish(TaskExecStarted {
+                    container_id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    pid: p.pid(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        tracing::info!(process = %p.label(), pid = p.pid(), "started");
+        self.spawn_waiter(p.clone());
+        Ok(p.pid())
+    }
+
+    /// Registers an exec; it runs at `start`.
+    pub async fn add_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stdio: StdioPaths,
+        spec: Vec<u8>,
+    ) -> Result<()> {
+        self.ensure_alive()?;
+        let c = self.container(id)?;
+        c.add_exec(Arc::new(Process::new(id, exec_id, stdio, Some(spec))))?;
+        self.events
+            .publish(TaskExecAdded {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                ..Default::default()
+            })
+            .await;
+        Ok(())
+    }
+
+    // ---- exits ----
+
+    fn spawn_waiter(self: &Arc<Self>, p: Arc<Process>) {
+        if !p.claim_waiter() {
+            return;
+        }
+        let sb = self.clone();
+        tokio::spawn(async move { sb.watch_exit(p).await });
+    }
+
+    /// Waits for a process' exit, its output, and (for a SIGKILL nobody
+    /// here sent) a possible OOM event, then records and publishes it.
+    async fn watch_exit(self: Arc<Self>, p: Arc<Process>) {
+        let waited = tokio::select! {
+            r = self.agent.wait_process(&p.container_id, &p.exec_id) => r.map_err(|e| e.to_string()),
+            reason = self.death.wait() => Err(reason),
+        };
+        let (exit, vm_alive) = match waited {
+            Ok(r) => (
+                Exit {
+                    status: r.exit_status,
+                    at: r
+                        .exited_at
+                        .as_ref()
+                        .and_then(ember_proto::time::from_timestamp)
+                        .unwrap_or_else(SystemTime::now),
+                },
+                true,
+            ),
+            Err(why) => {
+                let alive = self.death.reason().is_none();
+                if alive {
+                    tracing::error!(process = %p.label(), "waiting for the exit failed: {why}; reporting status {UNKNOWN_EXIT_STATUS}");
+                } else {
+                    tracing::warn!(process = %p.label(), "{why}");
+                }
+                (unknown_exit(), alive)
+            }
+        };
+        if let Some(out) = p.take_outputs() {
+            out.wait((!vm_alive).then_some(DEAD_VM_OUTPUT)).await;
+        }
+        p.stop_stdin();
+        if exit.status == 128 + SIGKILL && vm_alive && !p.killed_by_us() {
+            let oom = self.oom.wait_for(&p.container_id, OOM_GRACE).await;
+            tracing::debug!(process = %p.label(), oom, "exit by SIGKILL");
+        }
+        self.finish(&p, exit).await;
+    }
+
+    async fn finish(&self, p: &Process, exit: Exit) {
+        if p.record_exit(exit) {
+            tracing::info!(process = %p.label(), pid = p.pid(), status = exit.status, "exited");
+            self.events
+                .publish(events::task_exit(
+                    &p.container_id,
+                    p.event_id(),
+                    p.pid(),
+                    exit.status,
+                    exit.at,
+                ))
+                .await;
+        }
+    }
+
+    // ---- signals ----
+
+    async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut req = SignalProcessRequest::new();
+        req.container_id = id.to_string();
+        req.exec_id = exec_id.to_string();
+        req.signal = signal;
+        req.all = all;
+        self.agent.signal_process(&req).await.map(|_| ())
+    }
+
+    /// Kill, as runc's shim answers it: a process that has exited is
+    /// NOT_FOUND "process already finished".
+    pub async fn kill(
+        self: &Arc<Self>,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        if p.status() == Status::Stopped || self.death.reason().is_some() {
+            return Err(Error::not_found("process already finished"));
+        }
+        match self.signal(id, exec_id, signal, all).await {
+            Ok(()) => {}
+            Err(Error::Agent {
+                code: ttrpc::Code::NOT_FOUND,
+                ..
+            }) => return Err(Error::not_found("process already finished")),
+            Err(e) => return Err(e),
+        }
+        if signal == SIGKILL {
+            p.note_sigkill();
+            if all && p.is_init() {
+                for x in c.all_execs() {
+                    x.note_sigkill();
+                }
+            }
+        }
+        // A created (never started) process dies too: watch for it.
+        if p.status() == Status::Created {
+            self.spawn_waiter(p);
+        }
+        Ok(())
+    }
+
+    // ---- delete ----
+
+    /// Deletes an exec; returns its pid and exit.
+    pub fn delete_exec(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        if matches!(p.status(), Status::Running | Status::Paused) {
+            return Err(Error::precondition("cannot delete a running process"));
+        }
+        c.remove_exec(exec_id);
+        p.stop_stdin();
+        let exit = p.exit().unwrap_or(Exit {
+            status: 0,
+            at: SystemTime::UNIX_EPOCH,
+        });
+        Ok((p.pid(), exit))
+    }
+
+    /// Deletes a container whose init has exited (or never started): the
+    /// guest side, then the host mounts. Never fails because of the guest:
+    /// a dead VM, or an agent that cannot remove the container, must not
+    /// keep containerd from deleting the task.
+    pub async fn delete_container(self: &Arc<Self>, id: &str) -> Result<(u32, Exit)> {
+        let c = self.container(id)?;
+        let p = c.init.clone();
+        match p.status() {
+            Status::Running | Status::Paused => {
+                return Err(Error::precondition("cannot delete a running task"))
+            }
+            Status::Created => self.kill_created(&p).await,
+            Status::Stopped => {}
+        }
+        let alive = self.death.reason().is_none();
+        for x in c.all_execs() {
+            if x.status() != Status::Stopped && x.has_waiter() && alive {
+                let _ = tokio::time::timeout(EXEC_EXIT_GRACE, x.wait()).await;
+            }
+            x.stop_stdin();
+        }
+        p.stop_stdin();
+        if alive {
+            self.remove_in_guest(id).await;
+        }
+
+        if let Some(mut prepared) = c.take_prepared() {
+            let label = id.to_string();
+            let errors = blocking("removing the rootfs", move || {
+                rootfs::cleanup(&mut prepared)
+            })
+            .await?;
+            for e in errors {
+                tracing::warn!(container = %label, "host cleanup: {e:#}");
+            }
+        }
+        self.containers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.oom.forget(id);
+
+        let exit = p.exit().unwrap_or_else(unknown_exit);
+        self.events
+            .publish(TaskDelete {
+                container_id: id.to_string(),
+                id: id.to_string(),
+                pid: p.pid(),
+                exit_status: exit.status,
+                exited_at: MessageField::some(events::timestamp(exit.at)),
+                ..Default::default()
+            })
+            .await;
+        tracing::info!(container = %id, "container deleted");
+        Ok((p.pid(), exit))
+    }
+
+    /// Kills a created-but-never-started init and waits for its exit.
+    async fn kill_created(self: &Arc<Self>, p: &Arc<Process>) {
+        if self.death.reason().is_none() {
+            match self.signal(&p.container_id, "", SIGKILL, true).await {
+                Ok(()) => {
+                    p.note_sigkill();
+                    self.spawn_waiter(p.clone());
+                    if tokio::time::timeout(self.agent.timeout(), p.wait())
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                    tracing::warn!(process = %p.label(), "no exit after SIGKILL");
+                }
+                Err(e) => tracing::warn!(process = %p.label(), "killing the created process: {e}"),
+            }
+        }
+        self.finish(p, unknown_exit()).await;
+    }
+
+    async fn remove_in_guest(&self, id: &str) {
+        let mut req = RemoveContainerRequest::new();
+        req.container_id = id.to_string();
+        let mut r = self.agent.remove_container(&req).await;
+        if let Err(Error::Agent {
+            code: ttrpc::Code::FAILED_PRECONDITION,
+            ..
+        }) = &r
+        {
+            // Something still runs in the container: kill it all, retry.
+            let _ = self.signal(id, "", SIGKILL, true).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r = self.agent.remove_container(&req).await;
+        }
+        if let Err(e) = r {
+            tracing::warn!(container = %id, "removing the container in the guest: {e} (its leftovers go with the VM)");
+        }
+    }
+
+    // ---- the rest of the task API ----
+
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        self.ensure_alive()?;
+        let p = self.container(id)?.init.clone();
+        if p.status() != Status::Running {
+            return Err(Error::precondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let mut req = PauseContainerRequest::new();
+        req.container_id = id.to_string();
+        self.agent.pause_container(&req).await?;
+        if p.set_paused(true) {
+            self.events
+                .publish(TaskPaused {
+                    container_id: id.to_string(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        Ok(())
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        self.ensure_alive()?;
+        let p = self.container(id)?.init.clone();
+        if p.status() != Status::Paused {
+            return Err(Error::precondition(format!("container {id} is not paused")));
+        }
+        let mut req = ResumeContainerRequest::new();
+        req.container_id = id.to_string();
+        self.agent.resume_container(&req).await?;
+        if p.set_paused(false) {
+            self.events
+                .publish(TaskResumed {
+                    container_id: id.to_string(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Guest pids of the container's processes, with the exec id of those
+    /// that are execs.
+    pub async fn pids(&self, id: &str) -> Result<Vec<(u32, Option<String>)>> {
+        self.ensure_alive()?;
+        let c = self.container(id)?;
+        let mut req = ListProcessesRequest::new();
+        req.container_id = id.to_string();
+        let resp = self.agent.list_processes(&req).await?;
+        let execs: HashMap<u32, String> = c
+            .all_execs()
+            .into_iter()
+            .filter(|x| x.pid() != 0 && x.status() != Status::Stopped)
+            .map(|x| (x.pid(), x.exec_id.clone()))
+            .collect();
+        Ok(resp
+            .pids
+            .into_iter()
+            .map(|pid| (pid, execs.get(&pid).cloned()))
+            .collect())
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        self.ensure_alive()?;
+        self.container(id)?;
+        let mut req = StatsContainerRequest::new();
+        req.container_id = id.to_string();
+        self.agent.stats_container(&req).await
+    }
+
+    /// `resources`: an OCI `linux.resources` object as JSON.
+    pub async fn update(&self, id: &str, resources: Vec<u8>) -> Result<()> {
+        self.ensure_alive()?;
+        self.container(id)?;
+        let mut req = UpdateContainerRequest::new();
+        req.container_id = id.to_string();
+        req.resources = resources;
+        self.agent.update_container(&req).await.map(|_| ())
+    }
+
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        self.ensure_alive()?;
+        let p = self.process(id, exec_id)?;
+        if p.status() == Status::Stopped {
+            return Err(Error::not_found("process already finished"));
+        }
+        let mut req = ResizePtyRequest::new();
+        req.container_id = id.to_string();
+        req.exec_id = exec_id.to_string();
+        req.cols = width;
+        req.rows = height;
+        self.agent.resize_pty(&req).await.map(|_| ())
+    }
+
+    /// Closes a process' stdin. With a stdin stream, the stream is drained
+    /// to EOF and half-closed (the guest sees EOF after the last byte; a
+    /// CloseStdin call could overtake bytes still in flight); without one,
+    /// the agent is asked to close it.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let p = self.process(id, exec_id)?;
+        if let Some(fwd) = p.take_stdin() {
+            fwd.close().await;
+            return Ok(());
+        }
+        if p.status() == Status::Stopped || self.death.reason().is_some() {
+            return Ok(());
+        }
+        let mut req = CloseStdinRequest::new();
+        req.container_id = id.to_string();
+        req.exec_id = exec_id.to_string();
+        self.agent.close_stdin(&req).await.map(|_| ())
+    }
+
+    // ---- teardown ----
+
+    /// Ends the pod: the guest powers off (agent Shutdown, then the VM is
+    /// released), and everything on the host goes: mounts, state directory.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        if self.death.reason().is_none() {
+            match self.agent.shutdown(SHUTDOWN_CALL).await {
+                Ok(_) => {
+                    if !self.vm.wait_ended(POWEROFF_GRACE).await {
+                        tracing::info!(
+                            "the guest did not power off within {POWEROFF_GRACE:?}; stopping it"
+                        );
+                    }
+                }
+                Err(e) => tracing::info!("agent Shutdown: {e}; stopping the VM"),
+            }
+        }
+        let reason = self.vm.stop().await;
+        for t in self
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        let paths = self.paths.clone();
+        match blocking("removing the state directory", move || {
+            cleanup_state(&paths)
+        })
+        .await
+        {
+            Ok(errors) => {
+                for e in errors {
+                    tracing::warn!("pod cleanup: {e:#}");
+                }
+            }
+            Err(e) => tracing::warn!("pod cleanup: {e}"),
+        }
+        tracing::info!(pod = %self.id, took = ?started.elapsed(), "pod VM shut down ({reason})");
+    }
+}
+
+fn unknown_exit() -> Exit {
+    Exit {
+        status: UNKNOWN_EXIT_STATUS,
+        at: SystemTime::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::sizing::VmSize;
+
+    #[test]
+    fn vm_config_of_a_pod() {
+        let config = Config {
+            kernel_params: "quiet".into(),
+            ..Config::default()
+        };
+        let paths = SandboxPaths::new(&config.state_dir, "default", "pod");
+        let setup = SandboxSetup {
+            namespace: "default".into(),
+            id: "pod".into(),
+            size: VmSize {
+                vcpus: 2,
+                mem_mib: 512,
+            },
+            kernel_params: Some("loglevel=3".into()),
+        };
+        let vm = vm_config(&config, &paths, &setup);
+        assert_eq!((vm.vcpus, vm.mem_mib), (2, 512));
+        assert_eq!(vm.cmdline_extra, "quiet loglevel=3");
+        assert_eq!(vm.vsock.as_ref().unwrap().guest_cid, GUEST_CID);
+        assert_eq!(
+            vm.vsock.as_ref().unwrap().uds_path,
+            PathBuf::from("/run/ember/default/pod/vsock.sock")
+        );
+        assert_eq!(vm.fs_shares.len(), 1);
+        assert_eq!(vm.fs_shares[0].tag, "ember");
+        assert_eq!(
+            vm.fs_shares[0].shared_dir,
+            PathBuf::from("/run/ember/default/pod/shared")
+        );
+        assert_eq!(vm.initrd, Some(config.initrd.clone()));
+        vm.validate().unwrap();
+    }
+}

@@ -1,0 +1,196 @@
+//! The shim binary's containerd-facing entry points
+//! (`containerd_shim::asynchronous::Shim`).
+//!
+//! - `start`: containerd runs the binary once per container. Containers of
+//!   one pod share one long-lived shim (and so one VM): the grouping id is
+//!   the CRI sandbox id, else the `io.ember.group` annotation, else the
+//!   container id. If the pod's shim already serves, its address is
+//!   returned; else a new shim is spawned.
+//! - `delete`: containerd runs it when a shim's connection closed (after
+//!   every normal task deletion too, in containerd 1.6). If the pod's shim
+//!   still serves, there is nothing to do; if it is gone (crashed), what it
+//!   mounted and its state directory are removed.
+//! - the serving shim: the Task service ([`crate::task`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use containerd_shim::api::DeleteResponse;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{
+    spawn, Config as ShimConfig, Error as ShimError, ExitSignal, Flags, Shim, StartOpts,
+};
+use containerd_shim_protos::protobuf::MessageField;
+
+use crate::annotations;
+use crate::config::{Config, Source};
+use crate::events::{self, EventSink};
+use crate::logging;
+use crate::resources::mount;
+use crate::sandbox::paths::SandboxPaths;
+use crate::sandbox::process::UNKNOWN_EXIT_STATUS;
+use crate::task::TaskService;
+
+/// Passes the pod (grouping) id from `start` to the shim it spawns.
+pub const POD_ID_ENV: &str = "EMBER_POD_ID";
+
+/// How containerd-shim is set up for Ember: logging is ours (tracing into
+/// containerd's log fifo), and the serving shim neither reaps children nor
+/// is a subreaper: it runs no child processes (the VMM is in-process, and
+/// mounts are syscalls), and containerd-shim's reaper would `waitpid(-1)`.
+pub fn shim_config() -> ShimConfig {
+    ShimConfig {
+        no_setup_logger: true,
+        default_log_level: "info".into(),
+        no_reaper: true,
+        no_sub_reaper: true,
+    }
+}
+
+pub struct EmberShim {
+    id: String,
+    namespace: String,
+    address: String,
+    bundle: PathBuf,
+    config: Result<Arc<Config>, String>,
+    exit: Arc<ExitSignal>,
+}
+
+fn shim_error(msg: impl Into<String>) -> ShimError {
+    ShimError::Other(msg.into())
+}
+
+/// Whether a shim answers at `address` (`unix://path`).
+fn shim_alive(address: &str) -> bool {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+/// The annotations in the bundle's config.json, if it can be read.
+fn bundle_annotations(bundle: &std::path::Path) -> std::collections::HashMap<String, String> {
+    std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
+        .map(|spec| annotations::of_spec(&spec))
+        .unwrap_or_default()
+}
+
+impl EmberShim {
+    fn config(&self) -> Result<Arc<Config>, ShimError> {
+        self.config.clone().map_err(shim_error)
+    }
+}
+
+#[async_trait]
+impl Shim for EmberShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        let loaded = Config::load();
+        let level = match &loaded {
+            Ok((c, _)) => c.log_level.clone(),
+            Err(_) => "info".into(),
+        };
+        logging::init_shim(&args.action, args.debug, &level);
+        let config = match loaded {
+            Ok((c, source)) => {
+                match &source {
+                    Source::File(p) => tracing::debug!("config from {}", p.display()),
+                    Source::Defaults(_) => tracing::debug!("config: {source}"),
+                }
+                Ok(Arc::new(c))
+            }
+            Err(e) => {
+                tracing::error!("{e:#}");
+                Err(format!("{e:#}"))
+            }
+        };
+        let bundle = if args.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&args.bundle)
+        };
+        EmberShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            address: args.address.clone(),
+            bundle,
+            config,
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        // A broken config fails here, where containerd shows the message.
+        self.config()?;
+        let ann = bundle_annotations(&self.bundle);
+        let pod = annotations::grouping_id(&ann, &opts.id);
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &pod);
+        if shim_alive(&address) {
+            tracing::info!(container = %opts.id, %pod, "joining the pod's running shim");
+        } else {
+            tracing::info!(container = %opts.id, %pod, "starting the pod's shim");
+            let spawned = spawn(opts, &pod, vec![(POD_ID_ENV, pod.as_str())]).await?;
+            if spawned != address {
+                return Err(shim_error(format!(
+                    "spawned shim listens on {spawned}, expected {address}"
+                )));
+            }
+        }
+        // containerd finds the shim again after a restart through this file.
+        tokio::fs::write("address", &address)
+            .await
+            .map_err(|e| shim_error(format!("writing the address file: {e}")))?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
+        let ann = bundle_annotations(&self.bundle);
+        let pod = annotations::grouping_id(&ann, &self.id);
+        let address = containerd_shim::socket_address(&self.address, &self.namespace, &pod);
+        if shim_alive(&address) {
+            // The pod's shim runs (containerd calls delete after every
+            // deletion): it cleans up after itself.
+            tracing::debug!(container = %self.id, %pod, "the pod's shim is alive; nothing to clean");
+        } else {
+            let config = self.config.clone().unwrap_or_default();
+            let paths = SandboxPaths::new(&config.state_dir, &self.namespace, &pod);
+            let mut errors = crate::sandbox::cleanup_state(&paths);
+            errors.extend(mount::unmount_all_under(&self.bundle.join("rootfs")));
+            for e in errors {
+                tracing::warn!(container = %self.id, "cleanup after the shim: {e:#}");
+            }
+        }
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: UNKNOWN_EXIT_STATUS,
+            exited_at: MessageField::some(events::timestamp(SystemTime::now())),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let pod = std::env::var(POD_ID_ENV).unwrap_or_else(|_| self.id.clone());
+        let config = match &self.config {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                tracing::error!("invalid config ({e}); using the defaults");
+                Arc::new(Config::default())
+            }
+        };
+        tracing::info!(%pod, namespace = %self.namespace, version = crate::VERSION, "Ember shim serving");
+        TaskService::new(
+            &self.namespace,
+            &pod,
+            config,
+            EventSink::new(publisher, &self.namespace),
+            self.exit.clone(),
+        )
+    }
+}

@@ -1,0 +1,607 @@
+//! The containerd Task service (task API v2) of the shim.
+//!
+//! Each method checks the request, finds the pod's sandbox and hands the
+//! work to it; errors carry the codes containerd expects (see
+//! [`crate::error`]). Calls that may take long (create boots the VM on this
+//! pod's first container) run the work on their own task, so that a client
+//! giving up on the call cannot leave a half-made container behind.
+
+pub mod pod;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use containerd_shim::api::{
+    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
+    CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
+    PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest,
+    StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim::oci::ProcessDetails;
+use containerd_shim_protos::types::task::ProcessInfo;
+
+use self::pod::Pod;
+use crate::annotations;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::events::{self, EventSink};
+use crate::io::StdioPaths;
+use crate::metrics;
+use crate::resources::mount::MountRequest;
+use crate::resources::sizing::{size_vm, WorkloadLimits};
+use crate::sandbox::{NewContainer, SandboxSetup};
+
+pub struct TaskService {
+    pod: Arc<Pod>,
+    exit: Arc<ExitSignal>,
+}
+
+impl TaskService {
+    pub fn new(
+        namespace: &str,
+        pod_id: &str,
+        config: Arc<Config>,
+        events: EventSink,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        TaskService {
+            pod: Arc::new(Pod::new(namespace, pod_id, config, events)),
+            exit,
+        }
+    }
+}
+
+/// Reads a bundle's `config.json`.
+pub async fn read_bundle_spec(bundle: &std::path::Path) -> Result<serde_json::Value> {
+    let path = bundle.join("config.json");
+    let data = tokio::fs::read(&path)
+        .await
+        .map_err(|e| Error::invalid(format!("reading {}: {e}", path.display())))?;
+    serde_json::from_slice(&data)
+        .map_err(|e| Error::invalid(format!("parsing {}: {e}", path.display())))
+}
+
+fn log_result<T>(method: &str, id: &str, exec_id: &str, r: &Result<T>) {
+    if let Err(e) = r {
+        tracing::warn!(container = %id, exec = %exec_id, "{method}: {e}");
+    }
+}
+
+/// The JSON inside an `Any` of containerd (exec process spec, update
+/// resources): containerd marshals OCI types as JSON.
+fn any_json(any: &MessageField<Any>, what: &str) -> Result<Vec<u8>> {
+    match any.as_ref() {
+        Some(a) if !a.value.is_empty() => {
+            serde_json::from_slice::<serde_json::Value>(&a.value)
+                .map_err(|e| Error::invalid(format!("{what} ({}) is not JSON: {e}", a.type_url)))?;
+            Ok(a.value.clone())
+        }
+        _ => Err(Error::invalid(format!("{what} is missing"))),
+    }
+}
+
+impl TaskService {
+    async fn do_create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented(
+                "restoring from a checkpoint is not supported by the Ember runtime".into(),
+            ));
+        }
+        let config = self.pod.config().clone();
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = read_bundle_spec(&bundle).await?;
+        let ann = annotations::of_spec(&spec);
+        let overrides = annotations::pod_overrides(&ann, &config)?;
+        let size = size_vm(&config, &WorkloadLimits::from_spec(&spec), &overrides);
+        let setup = SandboxSetup {
+            namespace: self.pod.namespace.clone(),
+            id: self.pod.id.clone(),
+            size,
+            kernel_params: overrides.kernel_params,
+        };
+        let new = NewContainer {
+            id: req.id.clone(),
+            bundle,
+            spec,
+            rootfs: req
+                .rootfs
+                .iter()
+                .map(|m| MountRequest {
+                    fstype: m.type_.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
+            stdio: StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+        };
+        let started = Instant::now();
+        let pod = self.pod.clone();
+        // On its own task: containerd dropping the call must not cut a
+        // create (and a VM boot) in half.
+        let (_, container) = tokio::spawn(async move { pod.create(new, setup).await })
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("create task failed: {e}")))??;
+        tracing::info!(container = %req.id, took = ?started.elapsed(), "Create done");
+        Ok(CreateTaskResponse {
+            pid: container.init.pid(),
+            ..Default::default()
+        })
+    }
+
+    async fn do_delete(&self, req: &DeleteRequest) -> Result<DeleteResponse> {
+        let sb = self.pod.find(&req.id)?;
+        let (pid, exit) = if req.exec_id.is_empty() {
+            let sb2 = sb.clone();
+            let id = req.id.clone();
+            let r = tokio::spawn(async move { sb2.delete_container(&id).await })
+                .await
+                .map_err(|e| Error::Internal(anyhow::anyhow!("delete task failed: {e}")))??;
+            // The last container of the pod takes the VM with it; the
+            // shim itself exits at containerd's Shutdown call.
+            if sb.container_count() == 0 {
+                self.pod.teardown_if_unused().await;
+            }
+            r
+        } else {
+            sb.delete_exec(&req.id, &req.exec_id)?
+        };
+        Ok(DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(events::timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    async fn do_state(&self, req: &StateRequest) -> Result<StateResponse> {
+        let (_, c) = self.pod.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let exit = p.exit();
+        Ok(StateResponse {
+            id: p.event_id().to_string(),
+            bundle: c.bundle.display().to_string(),
+            pid: p.pid(),
+            status: p.status().to_task_status().into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: exit.map_or(0, |e| e.status),
+            exited_at: match exit {
+                Some(e) => MessageField::some(events::timestamp(e.at)),
+                None => MessageField::none(),
+            },
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn do_pids(&self, req: &PidsRequest) -> Result<PidsResponse> {
+        let sb = self.pod.find(&req.id)?;
+        let pids = sb.pids(&req.id).await?;
+        let mut processes = Vec::with_capacity(pids.len());
+        for (pid, exec_id) in pids {
+            let info = match exec_id {
+                Some(exec_id) => {
+                    let details = ProcessDetails {
+                        exec_id,
+                        ..Default::default()
+                    };
+                    MessageField::some(Any {
+                        type_url: "containerd.runc.v1.ProcessDetails".into(),
+                        value: details.write_to_bytes().map_err(|e| {
+                            Error::Internal(anyhow::anyhow!("encoding process details: {e}"))
+                        })?,
+                        ..Default::default()
+                    })
+                }
+                None => MessageField::none(),
+            };
+            processes.push(ProcessInfo {
+                pid,
+                info,
+                ..Default::default()
+            });
+        }
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn do_stats(&self, req: &StatsRequest) -> Result<StatsResponse> {
+        let sb = self.pod.find(&req.id)?;
+        let stats = sb.stats(&req.id).await?;
+        let any = metrics::to_any(&metrics::to_cgroup2(&stats))
+            .map_err(|e| Error::Internal(anyhow::anyhow!("encoding metrics: {e}")))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        tracing::info!(container = %req.id, bundle = %req.bundle, terminal = req.terminal, "Create");
+        let id = req.id.clone();
+        let r = self.do_create(req).await;
+        log_result("Create", &id, "", &r);
+        Ok(r?)
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        tracing::info!(container = %req.id, exec = %req.exec_id, "Start");
+        let r = async {
+            let sb = self.pod.find(&req.id)?;
+            let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+            let pid = tokio::spawn(async move { sb.start(&id, &exec_id).await })
+                .await
+                .map_err(|e| Error::Internal(anyhow::anyhow!("start task failed: {e}")))??;
+            Ok(StartResponse {
+                pid,
+                ..Default::default()
+            })
+        }
+        .await;
+        log_result("Start", &req.id, &req.exec_id, &r);
+        Ok(r?)
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        tracing::info!(container = %req.id, exec = %req.exec_id, terminal = req.terminal, "Exec");
+        let r = async {
+            let sb = self.pod.find(&req.id)?;
+            let spec = any_json(&req.spec, "the exec process spec")?;
+            let stdio = StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            };
+            sb.add_exec(&req.id, &req.exec_id, stdio, spec).await?;
+            Ok(Empty::default())
+        }
+        .await;
+        log_result("Exec", &req.id, &req.exec_id, &r);
+        Ok(r?)
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        tracing::info!(container = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "Kill");
+        let r = async {
+            let sb = self.pod.find(&req.id)?;
+            sb.kill(&req.id, &req.exec_id, req.signal, req.all).await?;
+            Ok(Empty::default())
+        }
+        .await;
+        log_result("Kill", &req.id, &req.exec_id, &r);
+        Ok(r?)
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        tracing::debug!(container = %req.id, exec = %req.exec_id, "Wait");
+        let p = self.pod.find(&req.id)?.process(&req.id, &req.exec_id)?;
+        let exit = p.wait().await;
+        Ok(WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(events::timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        tracing::info!(container = %req.id, exec = %req.exec_id, "Delete");
+        let r = self.do_delete(&req).await;
+        log_result("Delete", &req.id, &req.exec_id, &r);
+        Ok(r?)
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        Ok(self.do_state(&req).await?)
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        let r = self.do_pids(&req).await;
+        log_result("Pids", &req.id, "", &r);
+        Ok(r?)
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        tracing::info!(container = %req.id, "Pause");
+        let r = async {
+            self.pod.find(&req.id)?.pause(&req.id).await?;
+            Ok(Empty::default())
+        }
+        .await;
+        log_result("Pause", &req.id, "", &r);
+        Ok(r?)
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        tracing::info!(container = %req.id, "Resume");
+        let r = async {
+            self.pod.find(&req.id)?.resume(&req.id).await?;
+            Ok(Empty::default())
+        }
+        .await;
+        log_result("Resume", &req.id, "", &r);
+        Ok(r?)
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        tracing::info!(container = %req.id, "Update");
+        let r = async {
+            let sb = self.pod.find(&req.id)?;
+            let resources = any_json(&req.resources, "the resources")?;
+            sb.update(&req.id, resources).await?;
+            Ok(Empty::default())
+        }
+        .await;
+        log_result("Update", &req.id, "", &r);
+        Ok(r?)
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        let r = self.do_stats(&req).await;
+        log_result("Stats", &req.id, "", &r);
+        Ok(r?)
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        tracing::debug!(container = %req.id, exec = %req.exec_id, width = req.width, height = req.height, "ResizePty");
+        let r = async {
+            self.pod
+                .find(&req.id)?
+                .resize_pty(&req.id, &req.exec_id, req.width, req.height)
+                .await?;
+            Ok(Empty::default())
+        }
+        .await;
+        log_result("ResizePty", &req.id, &req.exec_id, &r);
+        Ok(r?)
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        tracing::debug!(container = %req.id, exec = %req.exec_id, stdin = req.stdin, "CloseIO");
+        let r = async {
+            if req.stdin {
+                self.pod
+                    .find(&req.id)?
+                    .close_stdin(&req.id, &req.exec_id)
+                    .await?;
+            }
+            Ok(Empty::default())
+        }
+        .await;
+        log_result("CloseIO", &req.id, &req.exec_id, &r);
+        Ok(r?)
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        tracing::info!(container = %req.id, "Checkpoint (not supported)");
+        Err(Error::Unimplemented(
+            "checkpointing a task is not supported by the Ember runtime".into(),
+        )
+        .into())
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
+        let task_pid = self
+            .pod
+            .container(&req.id)
+            .map(|(_, c)| c.init.pid())
+            .unwrap_or(0);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: crate::VERSION.to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
+        tracing::info!(container = %req.id, now = req.now, "Shutdown");
+        if self.pod.teardown_if_unused().await {
+            tracing::info!("no containers left; the shim exits");
+            self.exit.signal();
+        } else {
+            tracing::debug!("containers remain in the pod; the shim stays");
+        }
+        Ok(Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> TaskService {
+        let config = Config {
+            state_dir: std::env::temp_dir().join("ember-task-test"),
+            ..Config::default()
+        };
+        TaskService::new(
+            "default",
+            "pod",
+            Arc::new(config),
+            EventSink::disabled(),
+            Arc::new(ExitSignal::default()),
+        )
+    }
+
+    fn code<T: std::fmt::Debug>(r: TtrpcResult<T>) -> ttrpc::Code {
+        match r.unwrap_err() {
+            ttrpc::Error::RpcStatus(s) => s.code(),
+            e => panic!("not a status: {e:?}"),
+        }
+    }
+
+    fn ctx() -> TtrpcContext {
+        TtrpcContext {
+            mh: Default::default(),
+            metadata: Default::default(),
+            timeout_nano: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_tasks_are_not_found() {
+        let s = service();
+        let c = ctx();
+        assert_eq!(
+            code(
+                s.state(
+                    &c,
+                    StateRequest {
+                        id: "x".into(),
+                        ..Default::default()
+                    }
+                )
+                .await
+            ),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            code(
+                s.delete(
+                    &c,
+                    DeleteRequest {
+                        id: "x".into(),
+                        ..Default::default()
+                    }
+                )
+                .await
+            ),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            code(
+                s.kill(
+                    &c,
+                    KillRequest {
+                        id: "x".into(),
+                        signal: 9,
+                        ..Default::default()
+                    }
+                )
+                .await
+            ),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            code(
+                s.wait(
+                    &c,
+                    WaitRequest {
+                        id: "x".into(),
+                        ..Default::default()
+                    }
+                )
+                .await
+            ),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            code(s.checkpoint(&c, CheckpointTaskRequest::default()).await),
+            ttrpc::Code::UNIMPLEMENTED
+        );
+        let r = s
+            .connect(
+                &c,
+                ConnectRequest {
+                    id: "x".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.shim_pid, std::process::id());
+        assert_eq!(r.task_pid, 0);
+    }
+
+    #[tokio::test]
+    async fn create_refuses_bad_bundles_and_checkpoints() {
+        let s = service();
+        let c = ctx();
+        let dir = tempfile::tempdir().unwrap();
+        let req = CreateTaskRequest {
+            id: "c1".into(),
+            bundle: dir.path().display().to_string(),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(s.create(&c, req.clone()).await),
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"annotations": {"io.ember.vcpus": "2"}}"#,
+        )
+        .unwrap();
+        // Not in enable_annotations.
+        assert_eq!(
+            code(s.create(&c, req.clone()).await),
+            ttrpc::Code::FAILED_PRECONDITION
+        );
+        let cp = CreateTaskRequest {
+            checkpoint: "/cp".into(),
+            ..req
+        };
+        assert_eq!(code(s.create(&c, cp).await), ttrpc::Code::UNIMPLEMENTED);
+    }
+
+    #[tokio::test]
+    async fn shutdown_of_an_empty_shim_exits() {
+        let s = service();
+        s.shutdown(&ctx(), ShutdownRequest::default())
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), s.exit.wait())
+            .await
+            .expect("exit signalled");
+    }
+
+    #[test]
+    fn json_anys() {
+        let ok = MessageField::some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: br#"{"args":["sh"]}"#.to_vec(),
+            ..Default::default()
+        });
+        assert_eq!(
+            any_json(&ok, "spec").unwrap(),
+            br#"{"args":["sh"]}"#.to_vec()
+        );
+        let bad = MessageField::some(Any {
+            value: b"\x01\x02".to_vec(),
+            ..Default::default()
+        });
+        assert!(any_json(&bad, "spec").is_err());
+        assert!(any_json(&MessageField::none(), "spec").is_err());
+    }
+}
