@@ -189,6 +189,35 @@ pub fn kernel_release() -> &'static str {
 }
 
 /// Validate a SetTime request: the time as (seconds, nanos) since the epoch.
+/// Largest SeedEntropy request (the proto's limit).
+const MAX_SEED_BYTES: usize = 4096;
+
+/// Writes `data` into the kernel's pool: credited with RNDADDENTROPY (one
+/// ioctl), or only mixed in by writing /dev/urandom.
+fn add_entropy(data: &[u8], credit: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    if !credit {
+        return urandom.write_all(data);
+    }
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + data.len());
+    info.extend_from_slice(&((data.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(data.len() as i32).to_ne_bytes());
+    info.extend_from_slice(data);
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a complete rand_pool_info (header then buf_size
+    // bytes) that outlives the call; the fd is open for writing.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn validate_time(req: &SetTimeRequest) -> ttrpc::Result<(i64, i32)> {
     let ts = req
         .time
@@ -480,12 +509,34 @@ impl Agent for AgentService {
         not_implemented("UpdateRoutes")
     }
 
+    /// Mixes host randomness into the guest pool. A VM restored from a
+    /// template starts with the template's pool state, so the host hands
+    /// every restored guest fresh bytes before anything else runs there.
     async fn seed_entropy(
         &self,
         _ctx: &TtrpcContext,
-        _req: SeedEntropyRequest,
+        req: SeedEntropyRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("SeedEntropy")
+        if req.data.is_empty() || req.data.len() > MAX_SEED_BYTES {
+            return Err(rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "SeedEntropy: {} bytes given, 1 to {MAX_SEED_BYTES} accepted",
+                    req.data.len()
+                ),
+            ));
+        }
+        match self.state.config.clock {
+            ClockControl::Real => add_entropy(&req.data, req.credit).map_err(|e| {
+                tracing::error!("SeedEntropy: {e}");
+                rpc_error(Code::INTERNAL, format!("SeedEntropy: {e}"))
+            })?,
+            ClockControl::DryRun => tracing::info!(
+                "test mode: would mix {} bytes into the entropy pool",
+                req.data.len()
+            ),
+        }
+        Ok(Empty::new())
     }
 }
 

@@ -61,6 +61,16 @@ async fn health_version_settime_unimplemented_shutdown() {
     );
     assert_eq!(code, Code::INVALID_ARGUMENT);
 
+    // SeedEntropy accepts 1..=4096 bytes (test mode does not touch the
+    // host's pool).
+    let mut seed = SeedEntropyRequest::new();
+    seed.data = vec![7u8; 64];
+    agent.seed_entropy(ctx(), &seed).await.unwrap();
+    seed.data = vec![7u8; 4097];
+    let (code, msg) = code_of(agent.seed_entropy(ctx(), &seed).await.unwrap_err());
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("4097"), "{msg}");
+
     // Container methods validate their input.
     let (code, msg) = code_of(
         agent
