@@ -216,6 +216,21 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_exactly_the_defaults() {
+        let example = include_str!("../../deploy/config.toml");
+        assert_eq!(Config::parse(example).unwrap(), Config::default());
+        // Every key is documented there.
+        let rendered = Config::default().to_toml();
+        for line in rendered.lines() {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                example.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "deploy/config.toml does not document {key}"
+            );
+        }
+    }
+
+    #[test]
     fn keys_parse() {
         let c = Config::parse(
             r#"
