@@ -362,6 +362,21 @@ pub struct Options {
     pub ember_config: Option<String>,
     /// Extra environment for containerd (and so for its shims).
     pub env: Vec<(String, String)>,
+    /// CNI for CRI pod networking; None: the CRI plugin's defaults
+    /// (/etc/cni/net.d, /opt/cni/bin).
+    pub cni: Option<CniOptions>,
+}
+
+/// CNI for CRI pods: the harness writes `conflists` into `<dir>/cni/net.d`
+/// before containerd starts and points the CRI plugin's `[cni]` section at
+/// that directory and at `bin_dir`.
+#[derive(Debug, Clone)]
+pub struct CniOptions {
+    /// Where the CNI plugin binaries are (Debian: /usr/lib/cni).
+    pub bin_dir: PathBuf,
+    /// (file name, content), e.g. ("10-e2e.conflist", "{...}"). containerd
+    /// uses the first file in lexical order.
+    pub conflists: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -372,6 +387,7 @@ impl Default for Options {
             ready_timeout: Duration::from_secs(60),
             ember_config: None,
             env: Vec::new(),
+            cni: None,
         }
     }
 }
@@ -440,7 +456,25 @@ impl Containerd {
         let address = path.join("containerd.sock");
         let log_path = path.join("containerd.log");
         let config = path.join("config.toml");
-        std::fs::write(&config, config_toml(&path, opts.ember_shim.as_deref()))?;
+        let cni_dirs = match &opts.cni {
+            Some(cni) => {
+                let conf_dir = path.join("cni").join("net.d");
+                std::fs::create_dir_all(&conf_dir)?;
+                for (name, content) in &cni.conflists {
+                    std::fs::write(conf_dir.join(name), content)?;
+                }
+                Some((conf_dir, cni.bin_dir.clone()))
+            }
+            None => None,
+        };
+        std::fs::write(
+            &config,
+            config_toml_with(
+                &path,
+                opts.ember_shim.as_deref(),
+                cni_dirs.as_ref().map(|(c, b)| (c.as_path(), b.as_path())),
+            ),
+        )?;
 
         let mut env_path =
             std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
@@ -564,6 +598,11 @@ impl Containerd {
 
     pub fn state(&self) -> PathBuf {
         self.path.join("state")
+    }
+
+    /// The CNI conf dir the CRI plugin reads when [`Options::cni`] was set.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.path.join("cni").join("net.d")
     }
 
     pub fn log_path(&self) -> &Path {
@@ -747,6 +786,16 @@ impl Drop for Containerd {
 
 /// The containerd config for a harness rooted at `dir`.
 pub fn config_toml(dir: &Path, ember_shim: Option<&Path>) -> String {
+    config_toml_with(dir, ember_shim, None)
+}
+
+/// [`config_toml`], plus the CRI plugin's CNI directories
+/// `(conf_dir, bin_dir)` when given.
+pub fn config_toml_with(
+    dir: &Path,
+    ember_shim: Option<&Path>,
+    cni_dirs: Option<(&Path, &Path)>,
+) -> String {
     let d = dir.display();
     let mut s = format!(
         r#"version = 2
@@ -792,6 +841,18 @@ oom_score = 0
   runtime_type = "{}"
 "#,
             shim.display()
+        ));
+    }
+    if let Some((conf_dir, bin_dir)) = cni_dirs {
+        s.push_str(&format!(
+            r#"
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{}"
+  conf_dir = "{}"
+  max_conf_num = 1
+"#,
+            bin_dir.display(),
+            conf_dir.display()
         ));
     }
     s

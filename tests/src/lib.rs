@@ -172,3 +172,4 @@ pub fn process_rss() -> (u64, u64) {
     (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
 }
 pub mod containerd; pub mod image;
+pub mod cri;

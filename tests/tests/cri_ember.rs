@@ -1,0 +1,1402 @@
+//! Ember through the Kubernetes CRI, the way kubelet drives it: a real
+//! containerd (the e2e harness) and its CRI plugin, pods run with
+//! `RunPodSandboxRequest.runtime_handler = "ember"` (the RuntimeClass
+//! handler), containers created, exec'd, measured, restarted and removed
+//! through the CRI gRPC API (tests/src/cri.rs).
+//!
+//! One #[test] runs the cases in sequence and prints each one's result and
+//! duration, then fails if any failed. Pods are few, since with Ember each
+//! is a VM (1-2 min to boot here):
+//!   - `work`: host network; most cases (two containers sharing an emptyDir
+//!     and localhost, ExecSync, streaming Exec, logs, stats, OOM, restart,
+//!     bad container input);
+//!   - `net`: on a CNI bridge (10.88.77.0/24, bridge `ember-cni0`, private
+//!     to this machine), reached from the host by its IP;
+//!   - `huge`: asks for more memory and CPU than the host has (cheap: it
+//!     should be refused).
+//!
+//! `EMBER_E2E_CRI_HANDLER=runc` runs the same cases under runc (the harness
+//! registers both handlers), which is how the test's own expectations are
+//! validated. Skipped, loudly, only when the handler is `ember` and /dev/kvm
+//! or the guest kernel/initrd are missing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use ember_e2e::containerd::{
+    mounts_under, processes_mentioning, Containerd, Options, EMBER_STATE_DIR,
+};
+use ember_e2e::cri::{
+    self, add_mount, api, cni_netns, container_config, container_log_name, cri_error, log_text,
+    pod_config, read_log, set_cpu_limit, set_memory_limit, stats_figures, wait_log, CniNetwork,
+    Cri, PodNetwork, CRI_NAMESPACE,
+};
+use ember_e2e::image::BUSYBOX_IMAGE;
+
+/// The handler the RuntimeClass `ember` names.
+const EMBER_HANDLER: &str = "ember";
+const NET_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 88, 77, 0);
+const NET_BRIDGE: &str = "ember-cni0";
+const NET_NAME: &str = "ember-e2e";
+/// The net pod's server port (its own network namespace).
+const NET_PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(60);
+
+use api::ContainerState::{ContainerExited as EXITED, ContainerRunning as RUNNING};
+
+fn missing_prerequisites() -> Option<String> {
+    let mut missing = Vec::new();
+    if !Path::new("/dev/kvm").exists() {
+        missing.push("/dev/kvm is absent".to_string());
+    }
+    for (what, var, default, script) in [
+        (
+            "guest kernel",
+            "EMBER_KERNEL",
+            "/var/lib/ember/vmlinux",
+            "deploy/build-kernel.sh",
+        ),
+        (
+            "initrd",
+            "EMBER_INITRD",
+            "/var/lib/ember/initrd.img",
+            "deploy/build-initrd.sh",
+        ),
+    ] {
+        let p = std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| default.into());
+        if !p.exists() {
+            missing.push(format!("{what} {} is missing (run {script})", p.display()));
+        }
+    }
+    (!missing.is_empty()).then(|| missing.join("; "))
+}
+
+// ---------------------------------------------------------------------------
+// The suite
+// ---------------------------------------------------------------------------
+
+/// A case that cannot run (a pod it needs is not there).
+#[derive(Debug)]
+struct Skip(String);
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for Skip {}
+
+#[derive(Debug)]
+enum Outcome {
+    Passed,
+    Failed(String),
+    Skipped(String),
+}
+
+/// A pod the suite made.
+#[derive(Debug, Clone)]
+struct Pod {
+    name: String,
+    id: String,
+    config: api::PodSandboxConfig,
+    log_dir: PathBuf,
+    /// Container name -> id (the current one for that name).
+    containers: BTreeMap<String, String>,
+}
+
+impl Pod {
+    fn cid(&self, name: &str) -> Result<String> {
+        self.containers
+            .get(name)
+            .cloned()
+            .with_context(|| format!("pod {} has no container {name}", self.name))
+    }
+
+    fn log_path(&self, name: &str, attempt: u32) -> PathBuf {
+        self.log_dir.join(container_log_name(name, attempt))
+    }
+}
+
+struct Suite<'a> {
+    ctrd: &'a Containerd,
+    cri: Cri,
+    handler: String,
+    ember: bool,
+    work: Option<Pod>,
+    net: Option<Pod>,
+    /// Port of the work pod's server (host network under runc: a free one).
+    work_port: u16,
+    /// The work pod's emptyDir on the host.
+    shared: PathBuf,
+    cni: CniNetwork,
+    results: Vec<(String, Duration, Outcome)>,
+}
+
+impl Suite<'_> {
+    fn case(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<()>) -> bool {
+        let t0 = Instant::now();
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| f(self)));
+        let d = t0.elapsed();
+        let outcome = match r {
+            Ok(Ok(())) => Outcome::Passed,
+            Ok(Err(e)) => match e.downcast_ref::<Skip>() {
+                Some(s) => Outcome::Skipped(s.0.clone()),
+                None => Outcome::Failed(format!("{e:#}")),
+            },
+            Err(p) => Outcome::Failed(format!(
+                "panicked: {}",
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            )),
+        };
+        match &outcome {
+            Outcome::Passed => println!(
+                "[cri_ember] case {name:<44} ok      {:>8.2}s",
+                d.as_secs_f64()
+            ),
+            Outcome::Failed(msg) => println!(
+                "[cri_ember] case {name:<44} FAILED  {:>8.2}s: {msg}",
+                d.as_secs_f64()
+            ),
+            Outcome::Skipped(why) => println!("[cri_ember] case {name:<44} SKIPPED ({why})"),
+        }
+        let passed = matches!(outcome, Outcome::Passed);
+        self.results.push((name.to_string(), d, outcome));
+        passed
+    }
+
+    fn work(&self) -> Result<Pod> {
+        self.work
+            .clone()
+            .ok_or_else(|| Skip("the work pod is not running".into()).into())
+    }
+
+    fn net(&self) -> Result<Pod> {
+        self.net
+            .clone()
+            .ok_or_else(|| Skip("the net pod is not running".into()).into())
+    }
+
+    fn new_pod(&self, name: &str, net: PodNetwork) -> Result<(api::PodSandboxConfig, PathBuf)> {
+        let log_dir = self.ctrd.dir().join("pods").join(name);
+        std::fs::create_dir_all(&log_dir)?;
+        let uid = format!("{name}-0000-4000-8000-{:012x}", std::process::id());
+        Ok((pod_config(name, "e2e", &uid, &log_dir, net), log_dir))
+    }
+
+    fn run_pod(&self, name: &str, config: &api::PodSandboxConfig, log_dir: &Path) -> Result<Pod> {
+        let t0 = Instant::now();
+        let id = self.cri.run_pod(config, &self.handler)?;
+        println!(
+            "[cri_ember]   RunPodSandbox {name} ({}): {:.2}s, id {id}",
+            self.handler,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(Pod {
+            name: name.to_string(),
+            id,
+            config: config.clone(),
+            log_dir: log_dir.to_path_buf(),
+            containers: BTreeMap::new(),
+        })
+    }
+
+    /// Create + start `cfg` in `pod`, waits until RUNNING, records the id.
+    fn start(&self, pod: &mut Pod, cfg: &api::ContainerConfig) -> Result<String> {
+        let name = cfg
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let t0 = Instant::now();
+        let id = self.cri.create_container(&pod.id, cfg, &pod.config)?;
+        pod.containers.insert(name.clone(), id.clone());
+        self.cri.start_container(&id)?;
+        self.cri.wait_container_state(&id, RUNNING, WAIT)?;
+        println!(
+            "[cri_ember]   container {name} running after {:.2}s ({id})",
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(id)
+    }
+
+    fn exec_ok(&self, id: &str, cmd: &[&str]) -> Result<String> {
+        let out = self.cri.exec_sync(id, cmd, Duration::ZERO)?;
+        out.ok().with_context(|| format!("exec {cmd:?}"))?;
+        Ok(out.stdout_str())
+    }
+
+    /// Removes container `id` whatever its state (cleanup after failures).
+    fn force_remove(&self, id: &str) {
+        let _ = self.cri.stop_container(id, 0);
+        let _ = self.cri.remove_container(id);
+    }
+}
+
+fn busybox(name: &str, attempt: u32, pod: &Pod, script: &str) -> api::ContainerConfig {
+    container_config(
+        name,
+        attempt,
+        BUSYBOX_IMAGE,
+        &["sh", "-c", script],
+        &pod.config,
+    )
+}
+
+/// A free TCP port on the host (for servers in the host-network pod).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(18080)
+}
+
+/// HTTP GET `/` from the host; the body.
+fn http_get(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(resp))
+}
+
+/// What a pod leaves on the host while it exists.
+#[derive(Debug, Default)]
+struct Footprint {
+    /// Shim (and descendant) processes serving the pod: pid -> cmdline.
+    processes: BTreeMap<i32, String>,
+    /// Container ids, the sandbox's included.
+    ids: Vec<String>,
+}
+
+fn footprint(ctrd: &Containerd, cri: &Cri, pod: &Pod) -> Result<Footprint> {
+    let mut ids = vec![pod.id.clone()];
+    ids.extend(
+        cri.list_containers(Some(&pod.id))?
+            .into_iter()
+            .map(|c| c.id),
+    );
+    let addr = ctrd.address().to_string_lossy().into_owned();
+    let mut processes = BTreeMap::new();
+    for (pid, cmd) in processes_mentioning(&pod.id) {
+        if cmd.contains(&addr) && !cmd.contains(" --config ") {
+            processes.insert(pid, cmd.clone());
+            for d in ember_e2e::containerd::descendants(pid) {
+                if let Some(c) = cmdline_of(d) {
+                    processes.insert(d, c);
+                }
+            }
+        }
+    }
+    Ok(Footprint { processes, ids })
+}
+
+/// A process's command line, arguments joined by spaces.
+fn cmdline_of(pid: i32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let parts: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+/// Whether `pid` still runs `cmdline` (not a recycled pid).
+fn alive(pid: i32, cmdline: &str) -> bool {
+    cmdline_of(pid).is_some_and(|c| c == cmdline)
+}
+
+/// Mount points naming any of `ids`.
+fn mounts_naming(ids: &[String]) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
+        .map(|l| l.split(' ').nth(4).unwrap_or(l).to_string())
+        .collect()
+}
+
+fn dir_entries(p: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(p)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `<namespace>/<pod>` entries under the Ember state dir.
+fn ember_state() -> BTreeSet<String> {
+    let root = Path::new(EMBER_STATE_DIR);
+    let mut out = BTreeSet::new();
+    for ns in dir_entries(root) {
+        for pod in dir_entries(&root.join(&ns)) {
+            out.insert(format!("{ns}/{pod}"));
+        }
+    }
+    out
+}
+
+/// Stops and removes `pod`, then checks it left nothing behind.
+fn remove_and_check(s: &Suite, pod: &Pod, netns_before: &BTreeSet<String>) -> Result<()> {
+    let fp = footprint(s.ctrd, &s.cri, pod)?;
+    println!(
+        "[cri_ember]   pod {}: {} processes, {} ids before removal",
+        pod.name,
+        fp.processes.len(),
+        fp.ids.len()
+    );
+    ensure!(
+        !fp.processes.is_empty(),
+        "no shim process found for pod {} (looked for its id with our address)",
+        pod.id
+    );
+    let t0 = Instant::now();
+    s.cri.stop_pod(&pod.id)?;
+    let t_stop = t0.elapsed();
+    s.cri.remove_pod(&pod.id)?;
+    println!(
+        "[cri_ember]   StopPodSandbox {:.2}s, RemovePodSandbox {:.2}s",
+        t_stop.as_secs_f64(),
+        (t0.elapsed() - t_stop).as_secs_f64()
+    );
+    let mut problems = Vec::new();
+    if s.cri.list_pods()?.iter().any(|p| p.id == pod.id) {
+        problems.push("pod still listed".to_string());
+    }
+    let left = s.cri.list_containers(Some(&pod.id))?;
+    if !left.is_empty() {
+        problems.push(format!("containers still listed: {left:?}"));
+    }
+    let start = Instant::now();
+    let mut procs: Vec<_> = Vec::new();
+    while start.elapsed() < WAIT {
+        procs = fp.processes.iter().filter(|(p, c)| alive(**p, c)).collect();
+        if procs.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    if !procs.is_empty() {
+        problems.push(format!("processes still running after {WAIT:?}: {procs:?}"));
+    }
+    let mounts = mounts_naming(&fp.ids);
+    if !mounts.is_empty() {
+        problems.push(format!("mounts left: {mounts:?}"));
+    }
+    let ember_dir = Path::new(EMBER_STATE_DIR).join(CRI_NAMESPACE).join(&pod.id);
+    if ember_dir.exists() {
+        problems.push(format!(
+            "Ember state dir {} left: {:?}",
+            ember_dir.display(),
+            dir_entries(&ember_dir)
+        ));
+    }
+    let task_dir = s
+        .ctrd
+        .state()
+        .join("io.containerd.runtime.v2.task")
+        .join(CRI_NAMESPACE);
+    let bundles: Vec<_> = dir_entries(&task_dir)
+        .into_iter()
+        .filter(|e| fp.ids.contains(e))
+        .collect();
+    if !bundles.is_empty() {
+        problems.push(format!("task bundles left: {bundles:?}"));
+    }
+    for d in [
+        s.ctrd.root().join("io.containerd.grpc.v1.cri/sandboxes"),
+        s.ctrd.state().join("io.containerd.grpc.v1.cri/sandboxes"),
+        s.ctrd.root().join("io.containerd.grpc.v1.cri/containers"),
+        s.ctrd.state().join("io.containerd.grpc.v1.cri/containers"),
+    ] {
+        let left: Vec<_> = dir_entries(&d)
+            .into_iter()
+            .filter(|e| fp.ids.contains(e))
+            .collect();
+        if !left.is_empty() {
+            problems.push(format!("{} holds {left:?}", d.display()));
+        }
+    }
+    let netns_now: BTreeSet<String> = cni_netns().into_iter().collect();
+    let new_netns: Vec<_> = netns_now.difference(netns_before).collect();
+    if !new_netns.is_empty() {
+        problems.push(format!("network namespaces left: {new_netns:?}"));
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("; "));
+    Ok(())
+}
+
+/// Prints the tails of the `*.log` files in a pod's Ember state dir (guest
+/// console, ...), which pod removal deletes.
+fn print_pod_logs(pod_id: &str) {
+    let dir = Path::new(EMBER_STATE_DIR).join(CRI_NAMESPACE).join(pod_id);
+    let mut stack = vec![dir.clone()];
+    let mut found = false;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() && !mounts_under(&p).contains(&p.to_string_lossy().into_owned()) {
+                stack.push(p);
+            } else if ft.is_file() && p.extension().is_some_and(|x| x == "log") {
+                found = true;
+                let text = std::fs::read(&p)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let from = lines.len().saturating_sub(40);
+                println!(
+                    "[cri_ember] --- {} (last {} lines) ---\n{}\n[cri_ember] --- end ---",
+                    p.display(),
+                    lines.len() - from,
+                    lines[from..].join("\n")
+                );
+            }
+        }
+    }
+    if !found {
+        println!("[cri_ember] (no *.log in {})", dir.display());
+    }
+}
+
+/// Lower-cased text of an error chain.
+fn err_text(e: &anyhow::Error) -> String {
+    format!("{e:#}").to_lowercase()
+}
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+#[test]
+fn ember_pods_through_cri() {
+    let handler =
+        std::env::var("EMBER_E2E_CRI_HANDLER").unwrap_or_else(|_| EMBER_HANDLER.to_string());
+    let ember = handler == EMBER_HANDLER;
+    if ember {
+        if let Some(why) = missing_prerequisites() {
+            let msg = format!(
+                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+                 !!! SKIPPING the Ember CRI end-to-end test: {why}\n\
+                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+            );
+            println!("{msg}");
+            eprintln!("{msg}");
+            return;
+        }
+    }
+    let t_all = Instant::now();
+    let cni = CniNetwork::bridge(NET_NAME, NET_BRIDGE, NET_SUBNET, 24).expect("CNI network");
+    let mut opts = if ember {
+        Options::with_ember().expect("containerd-shim-ember-v2 is built")
+    } else {
+        Options::default()
+    };
+    opts.cni = Some(cni.options());
+    if let Some(shim) = &opts.ember_shim {
+        println!("[cri_ember] shim: {}", shim.display());
+    }
+    println!("[cri_ember] CRI runtime handler under test: {handler}");
+    let state_before = ember_state();
+    let ember_mounts_before: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
+        .into_iter()
+        .collect();
+    let netns_before: BTreeSet<String> = cni_netns().into_iter().collect();
+    let ctrd = Containerd::start(opts).expect("containerd starts");
+    let cri = Cri::for_containerd(&ctrd).expect("CRI client connects");
+    let shared = ctrd.dir().join("volumes").join("shared");
+    std::fs::create_dir_all(&shared).expect("emptyDir on the host");
+    let mut s = Suite {
+        ctrd: &ctrd,
+        cri,
+        handler,
+        ember,
+        work: None,
+        net: None,
+        work_port: if ember { 8080 } else { free_port() },
+        shared,
+        cni,
+        results: Vec::new(),
+    };
+
+    s.case("cri: version, status, images", |s| {
+        let v = s.cri.version()?;
+        println!(
+            "[cri_ember]   {} {} (CRI {})",
+            v.runtime_name, v.runtime_version, v.runtime_api_version
+        );
+        ensure!(v.runtime_name == "containerd", "runtime {v:?}");
+        s.cri.wait_ready(true, Duration::from_secs(30))?;
+        let img = s.cri.image_status(BUSYBOX_IMAGE)?;
+        ensure!(
+            img.is_some(),
+            "{BUSYBOX_IMAGE} not known to the CRI image service"
+        );
+        Ok(())
+    });
+
+    // -- the work pod ----------------------------------------------------------
+    s.case("work pod: RunPodSandbox (host network)", |s| {
+        let (config, log_dir) = s.new_pod("work", PodNetwork::Node)?;
+        let pod = s.run_pod("work", &config, &log_dir)?;
+        let st = s.cri.pod_status(&pod.id)?;
+        s.work = Some(pod.clone());
+        ensure!(
+            st.state == api::PodSandboxState::SandboxReady as i32,
+            "pod state {:?}",
+            st.state
+        );
+        ensure!(
+            st.runtime_handler == s.handler,
+            "handler {:?}",
+            st.runtime_handler
+        );
+        // What the shim is handed: the sandbox's OCI annotations.
+        if let Ok(full) = s.cri.pod_status_full(&pod.id, true) {
+            if let Some(info) = full.info.get("info") {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(info) {
+                    if let Some(a) = v.pointer("/runtimeSpec/annotations") {
+                        println!("[cri_ember]   sandbox annotations: {a}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
+
+    s.case("work pod: two containers sharing an emptyDir", |s| {
+        let mut pod = s.work()?;
+        let port = s.work_port;
+        let mut a = busybox(
+            "server",
+            0,
+            &pod,
+            &format!(
+                "echo from-a > /shared/a.txt; mkdir -p /www; echo pong-from-a > /www/index.html; \
+                 echo server-started; echo server-stderr >&2; exec httpd -f -vv -p {port} -h /www"
+            ),
+        );
+        add_mount(&mut a, &s.shared, "/shared", false);
+        s.start(&mut pod, &a)?;
+        let mut b = busybox(
+            "client",
+            0,
+            &pod,
+            "trap 'echo client-stopping; exit 0' TERM; echo client-started; while :; do sleep 1; done",
+        );
+        add_mount(&mut b, &s.shared, "/shared", false);
+        s.start(&mut pod, &b)?;
+        s.work = Some(pod.clone());
+        let (a, b) = (pod.cid("server")?, pod.cid("client")?);
+        // A wrote at start; B reads it.
+        let start = Instant::now();
+        loop {
+            let out = s.cri.exec_sync(&b, &["cat", "/shared/a.txt"], Duration::ZERO)?;
+            if out.exit_code == 0 {
+                ensure!(out.stdout_str() == "from-a\n", "B read {:?}", out.stdout_str());
+                break;
+            }
+            ensure!(start.elapsed() < WAIT, "B never saw /shared/a.txt: {out:?}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        s.exec_ok(&b, &["sh", "-c", "echo from-b > /shared/b.txt"])?;
+        let got = s.exec_ok(&a, &["cat", "/shared/b.txt"])?;
+        ensure!(got == "from-b\n", "A read {got:?}");
+        // The host sees both, and what the host writes reaches the pod.
+        for (f, want) in [("a.txt", "from-a\n"), ("b.txt", "from-b\n")] {
+            let host = std::fs::read_to_string(s.shared.join(f))
+                .with_context(|| format!("host reading {f}"))?;
+            ensure!(host == want, "host read {f}: {host:?}");
+        }
+        std::fs::write(s.shared.join("host.txt"), "from-host\n")?;
+        let got = s.exec_ok(&b, &["cat", "/shared/host.txt"])?;
+        ensure!(got == "from-host\n", "B read host.txt: {got:?}");
+        Ok(())
+    });
+
+    s.case("work pod: B reaches A's server on localhost", |s| {
+        let pod = s.work()?;
+        let b = pod.cid("client")?;
+        let url = format!("http://127.0.0.1:{}/", s.work_port);
+        let start = Instant::now();
+        loop {
+            let out = s
+                .cri
+                .exec_sync(&b, &["wget", "-q", "-O", "-", &url], Duration::ZERO)?;
+            if out.exit_code == 0 {
+                ensure!(out.stdout_str() == "pong-from-a\n", "wget: {out:?}");
+                break;
+            }
+            ensure!(start.elapsed() < WAIT, "wget {url} from B: {out:?}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let nc = s.exec_ok(
+            &b,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 {}",
+                    s.work_port
+                ),
+            ],
+        )?;
+        ensure!(nc.contains("pong-from-a"), "nc got {nc:?}");
+        Ok(())
+    });
+
+    s.case("ExecSync: stdout, stderr, exit code", |s| {
+        let b = s.work()?.cid("client")?;
+        let out = s.cri.exec_sync(
+            &b,
+            &["sh", "-c", "echo out; echo err >&2; exit 7"],
+            Duration::ZERO,
+        )?;
+        ensure!(
+            out.stdout_str() == "out\n" && out.stderr_str() == "err\n" && out.exit_code == 7,
+            "{out:?}"
+        );
+        let out = s.cri.exec_sync(&b, &["true"], Duration::ZERO)?;
+        ensure!(out.exit_code == 0 && out.stdout.is_empty(), "{out:?}");
+        let want: String = (1..=150_000).map(|i| format!("{i}\n")).collect();
+        let out = s
+            .cri
+            .exec_sync(&b, &["seq", "1", "150000"], Duration::ZERO)?;
+        ensure!(out.exit_code == 0, "seq: {:?}", out.exit_code);
+        ensure!(
+            out.stdout == want.as_bytes(),
+            "seq output: {} bytes, want {} (first difference at {:?})",
+            out.stdout.len(),
+            want.len(),
+            out.stdout
+                .iter()
+                .zip(want.as_bytes())
+                .position(|(a, b)| a != b)
+        );
+        println!(
+            "[cri_ember]   {} bytes in {:.2}s",
+            out.stdout.len(),
+            out.duration.as_secs_f64()
+        );
+        Ok(())
+    });
+
+    s.case("ExecSync: timeout kills the command", |s| {
+        let b = s.work()?.cid("client")?;
+        let r = s
+            .cri
+            .exec_sync(&b, &["sleep", "37"], Duration::from_secs(2));
+        match r {
+            Ok(out) => bail!("sleep 37 with a 2 s timeout returned {out:?}"),
+            Err(e) => {
+                let text = err_text(&e);
+                ensure!(
+                    text.contains("timeout") || text.contains("deadline"),
+                    "unclear timeout error: {e:#}"
+                );
+                let took = cri_error(&e).map(|c| c.elapsed).unwrap_or_default();
+                ensure!(took < Duration::from_secs(30), "the timeout took {took:?}");
+                println!("[cri_ember]   error after {took:.2?}: {e:#}");
+            }
+        }
+        let start = Instant::now();
+        loop {
+            let ps = s.exec_ok(&b, &["ps", "-o", "args"])?;
+            if !ps.contains("sleep 37") {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "sleep 37 still runs:\n{ps}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    });
+
+    s.case("ExecSync: missing command", |s| {
+        let b = s.work()?.cid("client")?;
+        match s.cri.exec_sync(&b, &["/no/such/cmd"], Duration::ZERO) {
+            Ok(out) => {
+                ensure!(
+                    out.exit_code == 126 || out.exit_code == 127,
+                    "exit code {} for a missing command: {out:?}",
+                    out.exit_code
+                );
+                let err = out.stderr_str().to_lowercase();
+                ensure!(
+                    err.contains("no such file") || err.contains("not found"),
+                    "unclear: {out:?}"
+                );
+                println!(
+                    "[cri_ember]   exit {}: {}",
+                    out.exit_code,
+                    out.stderr_str().trim()
+                );
+            }
+            Err(e) => {
+                let text = err_text(&e);
+                ensure!(
+                    text.contains("no such file")
+                        || text.contains("not found")
+                        || text.contains("/no/such/cmd"),
+                    "unclear error: {e:#}"
+                );
+                println!("[cri_ember]   error: {e:#}");
+            }
+        }
+        // The container is fine.
+        s.exec_ok(&b, &["true"])?;
+        Ok(())
+    });
+
+    s.case("Exec (streaming): URL, stdout, stderr, exit code", |s| {
+        let b = s.work()?.cid("client")?;
+        let url = s.cri.exec_url(&api::ExecRequest {
+            container_id: b.clone(),
+            cmd: vec!["true".into()],
+            stdout: true,
+            ..Default::default()
+        })?;
+        ensure!(
+            url.starts_with("http://127.0.0.1:") && url.contains("/exec/"),
+            "exec URL {url:?}"
+        );
+        let out =
+            s.cri
+                .exec_stream(&b, &["sh", "-c", "echo hi; echo e >&2; exit 3"], None, WAIT)?;
+        ensure!(
+            out.stdout_str() == "hi\n" && out.stderr_str() == "e\n" && out.exit_code == Some(3),
+            "{out:?}"
+        );
+        let out = s.cri.exec_stream(&b, &["echo", "zero"], None, WAIT)?;
+        ensure!(
+            out.stdout_str() == "zero\n" && out.exit_code == Some(0),
+            "{out:?}"
+        );
+        Ok(())
+    });
+
+    s.case("Exec (streaming): stdin", |s| {
+        let b = s.work()?.cid("client")?;
+        let out = s
+            .cri
+            .exec_stream(&b, &["head", "-n", "1"], Some(b"ping-stdin\nmore\n"), WAIT)?;
+        ensure!(
+            out.stdout_str() == "ping-stdin\n" && out.exit_code == Some(0),
+            "{out:?}"
+        );
+        Ok(())
+    });
+
+    s.case("Exec (streaming): tty, resize, exit code", |s| {
+        let b = s.work()?.cid("client")?;
+        let session = s.cri.exec_session(&b, &["sh"], true, true)?;
+        session.resize(101, 33)?;
+        let at = session.expect_from(0, "# ", WAIT)?;
+        session.send(b"echo $((6*7))\r")?;
+        let at = session.expect_from(at, "42", WAIT)?;
+        session.send(b"stty size\r")?;
+        let at = session.expect_from(at, "33 101", WAIT)?;
+        session.resize(90, 20)?;
+        std::thread::sleep(Duration::from_millis(300));
+        session.send(b"stty size\r")?;
+        let _ = session.expect_from(at, "20 90", WAIT)?;
+        session.send(b"exit 5\r")?;
+        let out = session.wait(WAIT)?;
+        ensure!(out.exit_code == Some(5), "tty exit: {:?}", out.status);
+        Ok(())
+    });
+
+    s.case("logs: stdout and stderr in the CRI log file", |s| {
+        let mut pod = s.work()?;
+        let a = pod.log_path("server", 0);
+        let lines = wait_log(&a, WAIT, |l| {
+            log_text(l, "stdout").contains("server-started\n")
+                && log_text(l, "stderr").contains("server-stderr\n")
+        })?;
+        ensure!(
+            !log_text(&lines, "stdout").contains("server-stderr"),
+            "stderr in stdout"
+        );
+        // A one-shot container: a 40000-byte line is split into partial
+        // (P) lines; its exit is "Completed".
+        let cfg = busybox(
+            "logger",
+            0,
+            &pod,
+            "echo line1; echo err1 >&2; head -c 40000 /dev/zero | tr '\\0' x; echo; echo last",
+        );
+        let id = s.cri.create_container(&pod.id, &cfg, &pod.config)?;
+        pod.containers.insert("logger".into(), id.clone());
+        s.work = Some(pod.clone());
+        s.cri.start_container(&id)?;
+        let st = s.cri.wait_container_state(&id, EXITED, WAIT)?;
+        ensure!(
+            st.exit_code == 0 && st.reason == "Completed",
+            "logger exit {} reason {:?} message {:?}",
+            st.exit_code,
+            st.reason,
+            st.message
+        );
+        let path = pod.log_path("logger", 0);
+        let lines = wait_log(&path, Duration::from_secs(10), |l| {
+            log_text(l, "stdout").ends_with("last\n")
+        })?;
+        let want = format!("line1\n{}\nlast\n", "x".repeat(40000));
+        let got = log_text(&lines, "stdout");
+        ensure!(
+            got == want,
+            "stdout in the log: {} bytes, want {}",
+            got.len(),
+            want.len()
+        );
+        ensure!(log_text(&lines, "stderr") == "err1\n", "stderr: {lines:?}");
+        let partial = lines.iter().filter(|l| l.partial).count();
+        ensure!(partial >= 2, "the long line was not split into P lines");
+        ensure!(
+            st.log_path.ends_with("logger_0.log"),
+            "status log path {:?}",
+            st.log_path
+        );
+        s.cri.remove_container(&id)?;
+        pod.containers.remove("logger");
+        s.work = Some(pod);
+        let all = read_log(&a)?;
+        println!(
+            "[cri_ember]   server log: {} lines, logger log: {} lines ({partial} partial)",
+            all.len(),
+            lines.len()
+        );
+        Ok(())
+    });
+
+    s.case("stats: ContainerStats, ListContainerStats", |s| {
+        let pod = s.work()?;
+        let (a, b) = (pod.cid("server")?, pod.cid("client")?);
+        // Some CPU time in A.
+        s.exec_ok(
+            &a,
+            &[
+                "sh",
+                "-c",
+                "i=0; while [ $i -lt 50000 ]; do i=$((i+1)); done",
+            ],
+        )?;
+        let st = s.cri.container_stats(&a)?;
+        let (ws, usage, cpu) = stats_figures(&st);
+        println!("[cri_ember]   server: working set {ws} B, usage {usage} B, cpu {cpu} ns");
+        ensure!(
+            ws > 0 && cpu > 0,
+            "ContainerStats(server) has zeros: {st:?}"
+        );
+        ensure!(
+            st.attributes.as_ref().map(|a| a.id.as_str()) == Some(a.as_str()),
+            "attributes {:?}",
+            st.attributes
+        );
+        let list = s.cri.list_container_stats(Some(&pod.id))?;
+        for id in [&a, &b] {
+            let e = list
+                .iter()
+                .find(|e| e.attributes.as_ref().is_some_and(|x| &x.id == id))
+                .with_context(|| format!("{id} not in ListContainerStats: {list:?}"))?;
+            let (ws, _, cpu) = stats_figures(e);
+            ensure!(
+                ws > 0 && cpu > 0,
+                "ListContainerStats entry has zeros: {e:?}"
+            );
+        }
+        let all = s.cri.list_container_stats(None)?;
+        ensure!(all.len() >= 2, "unfiltered list: {} entries", all.len());
+        Ok(())
+    });
+
+    s.case("OOM: memory limit -> reason OOMKilled", |s| {
+        let mut pod = s.work()?;
+        let mut cfg = container_config(
+            "oom",
+            0,
+            BUSYBOX_IMAGE,
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+            &pod.config,
+        );
+        set_memory_limit(&mut cfg, 32 << 20);
+        let id = s.cri.create_container(&pod.id, &cfg, &pod.config)?;
+        pod.containers.insert("oom".into(), id.clone());
+        s.work = Some(pod.clone());
+        s.cri.start_container(&id)?;
+        let st = s.cri.wait_container_state(&id, EXITED, WAIT)?;
+        println!(
+            "[cri_ember]   exit {} reason {:?} message {:?}",
+            st.exit_code, st.reason, st.message
+        );
+        ensure!(
+            st.reason == "OOMKilled",
+            "reason {:?} (exit {}), want OOMKilled",
+            st.reason,
+            st.exit_code
+        );
+        ensure!(st.exit_code == 137, "exit code {}, want 137", st.exit_code);
+        s.cri.remove_container(&id)?;
+        pod.containers.remove("oom");
+        s.work = Some(pod);
+        Ok(())
+    });
+
+    s.case("restart: stop, remove, re-create a container", |s| {
+        let mut pod = s.work()?;
+        let (a, old_b) = (pod.cid("server")?, pod.cid("client")?);
+        let a_started = s.cri.container_status(&a)?.started_at;
+        s.cri.stop_container(&old_b, 10)?;
+        let st = s.cri.wait_container_state(&old_b, EXITED, WAIT)?;
+        ensure!(
+            st.exit_code == 0 && st.reason == "Completed",
+            "stopped client: exit {} reason {:?} (the TERM trap exits 0)",
+            st.exit_code,
+            st.reason
+        );
+        let log = read_log(&pod.log_path("client", 0))?;
+        ensure!(
+            log_text(&log, "stdout").contains("client-stopping"),
+            "TERM not seen by the client: {log:?}"
+        );
+        s.cri.remove_container(&old_b)?;
+        pod.containers.remove("client");
+        s.work = Some(pod.clone());
+        let mut b = busybox(
+            "client",
+            1,
+            &pod,
+            "trap 'echo client-stopping; exit 0' TERM; echo client-restarted; while :; do sleep 1; done",
+        );
+        add_mount(&mut b, &s.shared, "/shared", false);
+        let new_b = s.start(&mut pod, &b)?;
+        s.work = Some(pod.clone());
+        ensure!(new_b != old_b, "same id after re-create");
+        let got = s.exec_ok(&new_b, &["cat", "/shared/b.txt"])?;
+        ensure!(got == "from-b\n", "emptyDir after restart: {got:?}");
+        let got = s.exec_ok(
+            &new_b,
+            &["wget", "-q", "-O", "-", &format!("http://127.0.0.1:{}/", s.work_port)],
+        )?;
+        ensure!(got == "pong-from-a\n", "localhost after restart: {got:?}");
+        let ast = s.cri.container_status(&a)?;
+        ensure!(
+            cri::state_of(&ast) == RUNNING && ast.started_at == a_started,
+            "server disturbed by the client's restart: {ast:?}"
+        );
+        let ids: BTreeSet<String> = s
+            .cri
+            .list_containers(Some(&pod.id))?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        ensure!(
+            ids == BTreeSet::from([a.clone(), new_b.clone()]),
+            "containers listed: {ids:?}"
+        );
+        wait_log(&pod.log_path("client", 1), WAIT, |l| {
+            log_text(l, "stdout").contains("client-restarted")
+        })?;
+        Ok(())
+    });
+
+    s.case("bad: command missing from the image", |s| {
+        let pod = s.work()?;
+        let cfg = container_config(
+            "badcmd",
+            0,
+            BUSYBOX_IMAGE,
+            &["/no/such/command"],
+            &pod.config,
+        );
+        let r = s
+            .cri
+            .create_container(&pod.id, &cfg, &pod.config)
+            .and_then(|id| {
+                let r = s.cri.start_container(&id);
+                s.force_remove(&id);
+                r
+            });
+        let e = match r {
+            Ok(()) => bail!("a container with a missing command started"),
+            Err(e) => e,
+        };
+        let text = err_text(&e);
+        ensure!(
+            text.contains("no such file")
+                || text.contains("not found")
+                || text.contains("/no/such/command"),
+            "unclear error: {e:#}"
+        );
+        println!("[cri_ember]   error: {e:#}");
+        let b = pod.cid("client")?;
+        s.exec_ok(&b, &["true"]).context("pod after the failure")?;
+        Ok(())
+    });
+
+    s.case("bad: volume host path removed before start", |s| {
+        let pod = s.work()?;
+        let gone = s.ctrd.dir().join("volumes").join("vanishing");
+        std::fs::create_dir_all(&gone)?;
+        let mut cfg = busybox("vanish", 0, &pod, "ls /vol");
+        add_mount(&mut cfg, &gone, "/vol", false);
+        let id = s.cri.create_container(&pod.id, &cfg, &pod.config)?;
+        std::fs::remove_dir(&gone)?;
+        let r = s.cri.start_container(&id);
+        let st = s.cri.container_status(&id).ok();
+        s.force_remove(&id);
+        let e = match r {
+            Ok(()) => bail!(
+                "a container whose volume source is gone started: {:?}",
+                st.map(|st| (st.state, st.exit_code, st.reason, st.message))
+            ),
+            Err(e) => e,
+        };
+        let text = err_text(&e);
+        ensure!(
+            text.contains("no such file") || text.contains("vanishing"),
+            "unclear error: {e:#}"
+        );
+        println!("[cri_ember]   error: {e:#}");
+        Ok(())
+    });
+
+    s.case("bad: volume host path that cannot exist", |s| {
+        let pod = s.work()?;
+        let file = s.ctrd.dir().join("volumes").join("a-file");
+        std::fs::write(&file, "not a dir")?;
+        let bad = file.join("sub");
+        let mut cfg = busybox("notadir", 0, &pod, "ls /vol");
+        add_mount(&mut cfg, &bad, "/vol", false);
+        let r = s
+            .cri
+            .create_container(&pod.id, &cfg, &pod.config)
+            .and_then(|id| {
+                let r = s.cri.start_container(&id);
+                s.force_remove(&id);
+                r
+            });
+        let e = match r {
+            Ok(()) => bail!("a container with volume {} started", bad.display()),
+            Err(e) => e,
+        };
+        let text = err_text(&e);
+        ensure!(
+            text.contains("not a directory") || text.contains("a-file/sub"),
+            "unclear error: {e:#}"
+        );
+        println!("[cri_ember]   error: {e:#}");
+        Ok(())
+    });
+
+    // -- the net pod -----------------------------------------------------------
+    s.case("net pod: RunPodSandbox on the CNI bridge", |s| {
+        let (config, log_dir) = s.new_pod("net", PodNetwork::Pod)?;
+        let mut pod = s.run_pod("net", &config, &log_dir)?;
+        s.net = Some(pod.clone());
+        let ip = s.cri.pod_ip(&pod.id)?;
+        println!("[cri_ember]   pod IP {ip}");
+        let ip: Ipv4Addr = ip.parse().with_context(|| format!("pod IP {ip:?}"))?;
+        ensure!(s.cni.contains(ip), "{ip} is not in {NET_SUBNET}/24");
+        ensure!(
+            s.cni.allocated().contains(&ip.to_string()),
+            "host-local has no record of {ip}: {:?}",
+            s.cni.allocated()
+        );
+        let web = busybox(
+            "web",
+            0,
+            &pod,
+            &format!(
+                "mkdir -p /www; echo pong-from-net-pod > /www/index.html; \
+                 exec httpd -f -p {NET_PORT} -h /www"
+            ),
+        );
+        s.start(&mut pod, &web)?;
+        s.net = Some(pod);
+        Ok(())
+    });
+
+    s.case("net pod: reachable from the host by its IP", |s| {
+        let pod = s.net()?;
+        let ip: Ipv4Addr = s.cri.pod_ip(&pod.id)?.parse()?;
+        let addr = SocketAddr::from((ip, NET_PORT));
+        let start = Instant::now();
+        loop {
+            match http_get(addr, Duration::from_secs(5)) {
+                Ok(body) if body == "pong-from-net-pod\n" => break,
+                r => ensure!(start.elapsed() < WAIT, "GET http://{addr}/: {r:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let busybox = ember_e2e::image::busybox_path();
+        let ping = std::process::Command::new(&busybox)
+            .args(["ping", "-c", "1", "-W", "5", &ip.to_string()])
+            .output()?;
+        ensure!(
+            ping.status.success(),
+            "ping {ip}: {}{}",
+            String::from_utf8_lossy(&ping.stdout),
+            String::from_utf8_lossy(&ping.stderr)
+        );
+        // And out of the pod to its gateway (the host's bridge address).
+        let web = pod.cid("web")?;
+        s.exec_ok(
+            &web,
+            &["ping", "-c", "1", "-W", "5", &s.cni.gateway.to_string()],
+        )?;
+        Ok(())
+    });
+
+    // -- more than the host has ------------------------------------------------
+    s.case("bad: resources larger than the host", |s| {
+        let host_mem = std::fs::read_to_string("/proc/meminfo")?
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok())
+            .context("MemTotal")?
+            * 1024;
+        let host_cpus = std::thread::available_parallelism()?.get() as i64;
+        let (mem, millis) = (host_mem * 4, host_cpus * 16 * 1000);
+        let (mut config, log_dir) = s.new_pod("huge", PodNetwork::Node)?;
+        let res = api::LinuxContainerResources {
+            memory_limit_in_bytes: mem,
+            cpu_period: 100_000,
+            cpu_quota: millis * 100,
+            cpu_shares: millis * 1024 / 1000,
+            ..Default::default()
+        };
+        if let Some(l) = config.linux.as_mut() {
+            l.resources = Some(res);
+        }
+        println!(
+            "[cri_ember]   asking for {} MiB and {} CPUs (host: {} MiB, {host_cpus} CPUs)",
+            mem >> 20,
+            millis / 1000,
+            host_mem >> 20
+        );
+        let t0 = Instant::now();
+        let r = (|| -> Result<Option<String>> {
+            let id = match s.cri.run_pod(&config, &s.handler) {
+                Ok(id) => id,
+                Err(e) => return Err(e.context("RunPodSandbox")),
+            };
+            let pod = Pod {
+                name: "huge".into(),
+                id: id.clone(),
+                config: config.clone(),
+                log_dir: log_dir.clone(),
+                containers: BTreeMap::new(),
+            };
+            let mut cfg = busybox("big", 0, &pod, "echo started; sleep 1000");
+            set_memory_limit(&mut cfg, mem);
+            set_cpu_limit(&mut cfg, millis);
+            let r = s
+                .cri
+                .create_container(&id, &cfg, &config)
+                .and_then(|cid| s.cri.start_container(&cid));
+            Ok(match r {
+                Ok(()) => {
+                    let _ = s.cri.stop_and_remove_pod(&id);
+                    None
+                }
+                Err(e) => {
+                    let _ = s.cri.stop_and_remove_pod(&id);
+                    Some(format!("{e:#}"))
+                }
+            })
+        })();
+        let outcome = match r {
+            Err(e) => Some(format!("{e:#}")),
+            Ok(o) => o,
+        };
+        println!(
+            "[cri_ember]   after {:.2}s: {}",
+            t0.elapsed().as_secs_f64(),
+            outcome.as_deref().unwrap_or("accepted")
+        );
+        if s.ember {
+            let msg = outcome.context(
+                "a pod asking for more memory and CPU than the host has was accepted",
+            )?;
+            let m = msg.to_lowercase();
+            ensure!(
+                m.contains("memory") || m.contains("cpu") || m.contains("resource"),
+                "unclear error: {msg}"
+            );
+        } else {
+            println!(
+                "[cri_ember]   ({} does not check requests against the host; kubelet's scheduler does)",
+                s.handler
+            );
+        }
+        Ok(())
+    });
+
+    s.case("other pods untouched", |s| {
+        let work = s.work()?;
+        for name in ["server", "client"] {
+            let id = work.cid(name)?;
+            ensure!(
+                s.cri.container_state(&id)? == RUNNING,
+                "work/{name} is not running"
+            );
+        }
+        let b = work.cid("client")?;
+        let got = s.exec_ok(
+            &b,
+            &[
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://127.0.0.1:{}/", s.work_port),
+            ],
+        )?;
+        ensure!(got == "pong-from-a\n", "{got:?}");
+        let net = s.net()?;
+        let ip: Ipv4Addr = s.cri.pod_ip(&net.id)?.parse()?;
+        let body = http_get(SocketAddr::from((ip, NET_PORT)), Duration::from_secs(5))?;
+        ensure!(body == "pong-from-net-pod\n", "{body:?}");
+        let pods = s.cri.list_pods()?;
+        for p in [&work, &net] {
+            ensure!(
+                pods.iter()
+                    .any(|x| x.id == p.id && x.state == api::PodSandboxState::SandboxReady as i32),
+                "pod {} not ready: {pods:?}",
+                p.name
+            );
+        }
+        Ok(())
+    });
+
+    let failed_so_far = s
+        .results
+        .iter()
+        .any(|(_, _, o)| matches!(o, Outcome::Failed(_)));
+    if s.ember && failed_so_far {
+        for p in [&s.work, &s.net].into_iter().flatten() {
+            print_pod_logs(&p.id);
+        }
+    }
+
+    // -- teardown ----------------------------------------------------------------
+    s.case("net pod: removal leaves nothing behind", |s| {
+        let pod = s.net()?;
+        let ip = s.cri.pod_ip(&pod.id)?;
+        s.net = None;
+        remove_and_check(s, &pod, &netns_before)?;
+        let allocated = s.cni.allocated();
+        ensure!(
+            !allocated.contains(&ip),
+            "{ip} still allocated by host-local: {allocated:?}"
+        );
+        // The work pod does not notice.
+        if let Ok(work) = s.work() {
+            s.exec_ok(&work.cid("client")?, &["true"])?;
+        }
+        Ok(())
+    });
+
+    s.case("work pod: removal leaves nothing behind", |s| {
+        let pod = s.work()?;
+        s.work = None;
+        remove_and_check(s, &pod, &netns_before)
+    });
+
+    s.case("teardown: no shims, no Ember state, no mounts", |s| {
+        // Whatever a failed case left: removed now, reported.
+        let pods = s.cri.list_pods()?;
+        for p in &pods {
+            let _ = s.cri.stop_and_remove_pod(&p.id);
+        }
+        ensure!(pods.is_empty(), "pods left by failed cases: {pods:?}");
+        let start = Instant::now();
+        while !s.ctrd.shim_processes().is_empty() && start.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let shims = s.ctrd.shim_processes();
+        ensure!(shims.is_empty(), "shim processes left: {shims:?}");
+        let new_state: Vec<_> = ember_state().difference(&state_before).cloned().collect();
+        ensure!(
+            new_state.is_empty(),
+            "left in {EMBER_STATE_DIR}: {new_state:?}"
+        );
+        let mounts: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
+            .into_iter()
+            .collect();
+        let new_mounts: Vec<_> = mounts.difference(&ember_mounts_before).collect();
+        ensure!(
+            new_mounts.is_empty(),
+            "mounts left under {EMBER_STATE_DIR}: {new_mounts:?}"
+        );
+        let in_harness = mounts_under(s.ctrd.dir());
+        ensure!(
+            in_harness.is_empty(),
+            "mounts left in the harness dir: {in_harness:?}"
+        );
+        Ok(())
+    });
+
+    // -- summary ----------------------------------------------------------------
+    let results = std::mem::take(&mut s.results);
+    drop(s);
+    let log_tail = ctrd.log_tail(80);
+    let report = ctrd.shutdown();
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    println!(
+        "\n[cri_ember] ===== summary, handler {} ({:.1}s) =====",
+        std::env::var("EMBER_E2E_CRI_HANDLER").unwrap_or_else(|_| EMBER_HANDLER.into()),
+        t_all.elapsed().as_secs_f64()
+    );
+    for (name, d, o) in &results {
+        let tag = match o {
+            Outcome::Passed => {
+                passed += 1;
+                "ok".to_string()
+            }
+            Outcome::Failed(m) => {
+                failed += 1;
+                format!("FAILED: {}", m.lines().next().unwrap_or(""))
+            }
+            Outcome::Skipped(m) => {
+                skipped += 1;
+                format!("skipped: {m}")
+            }
+        };
+        println!("[cri_ember] {name:<46} {:>8.2}s  {tag}", d.as_secs_f64());
+    }
+    println!("[cri_ember] cases: {passed} ok, {failed} failed, {skipped} skipped");
+    if !report.is_clean() {
+        println!("[cri_ember] LEAKS at containerd shutdown: {report:?}");
+    }
+    if failed + skipped > 0 || !report.is_clean() {
+        println!("{log_tail}");
+        panic!(
+            "{failed} of {} CRI cases failed, {skipped} skipped; leaks: {report:?}",
+            results.len()
+        );
+    }
+}
