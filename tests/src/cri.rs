@@ -162,10 +162,9 @@ impl Cri {
             .build()
             .context("tokio runtime for the CRI client")?;
         let path = address.to_path_buf();
-        let channel =
-            rt.block_on(async {
-                let p = path.clone();
-                Endpoint::try_from("http://[::]:50051")?
+        let channel = rt.block_on(async {
+            let p = path.clone();
+            Endpoint::try_from("http://[::]:50051")?
                     .connect_timeout(Duration::from_secs(10))
                     .connect_with_connector(tower::service_fn(move |_: Uri| {
                         let p = p.clone();
@@ -174,7 +173,7 @@ impl Cri {
                         }
                     }))
                     .await
-            });
+        });
         let channel =
             channel.with_context(|| format!("connecting to CRI at {}", address.display()))?;
         Ok(Self {
@@ -222,6 +221,7 @@ impl Cri {
         fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T> {
         let t0 = Instant::now();
+        let _rt = self.rt.enter();
         // A little slack: let containerd's own deadline (grpc-timeout) fire first.
         let r = self
             .rt
@@ -733,6 +733,7 @@ impl<'a> ExecSession<'a> {
             .with_context(|| format!("exec URL {url:?}"))?;
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", EXEC_PROTOCOL.parse()?);
+        let _rt = cri.rt.enter();
         let (ws, _resp) = cri
             .rt
             .block_on(tokio::time::timeout(

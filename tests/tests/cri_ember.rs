@@ -479,6 +479,25 @@ fn print_pod_logs(pod_id: &str) {
     }
 }
 
+/// Prints what the shim is handed for the sandbox: its OCI annotations and
+/// Linux resources (from PodSandboxStatus's verbose info).
+fn print_sandbox_annotations(cri: &Cri, pod_id: &str) {
+    let Ok(full) = cri.pod_status_full(pod_id, true) else {
+        return;
+    };
+    let Some(info) = full.info.get("info") else {
+        return;
+    };
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(info) {
+        if let Some(a) = v.pointer("/runtimeSpec/annotations") {
+            println!("[cri_ember]   sandbox annotations: {a}");
+        }
+        if let Some(r) = v.pointer("/runtimeSpec/linux/resources") {
+            println!("[cri_ember]   sandbox linux.resources: {r}");
+        }
+    }
+}
+
 /// Lower-cased text of an error chain.
 fn err_text(e: &anyhow::Error) -> String {
     format!("{e:#}").to_lowercase()
@@ -571,16 +590,7 @@ fn ember_pods_through_cri() {
             "handler {:?}",
             st.runtime_handler
         );
-        // What the shim is handed: the sandbox's OCI annotations.
-        if let Ok(full) = s.cri.pod_status_full(&pod.id, true) {
-            if let Some(info) = full.info.get("info") {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(info) {
-                    if let Some(a) = v.pointer("/runtimeSpec/annotations") {
-                        println!("[cri_ember]   sandbox annotations: {a}");
-                    }
-                }
-            }
-        }
+        print_sandbox_annotations(&s.cri, &pod.id);
         Ok(())
     });
 
@@ -1203,6 +1213,7 @@ fn ember_pods_through_cri() {
                 Ok(id) => id,
                 Err(e) => return Err(e.context("RunPodSandbox")),
             };
+            print_sandbox_annotations(&s.cri, &id);
             let pod = Pod {
                 name: "huge".into(),
                 id: id.clone(),
