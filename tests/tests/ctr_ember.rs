@@ -288,18 +288,16 @@ fn print_pod_logs() {
     }
 }
 
-/// Shim log lines that look like VM boot timings (the format is the shim's).
+/// The shim's boot timing lines in containerd's log ("pod VM ready:
+/// template=... vmm-setup=... kernel-to-init=... init-to-agent=...
+/// agent-ready=...") and its pod boot/shutdown lines.
 fn boot_lines(log: &str) -> Vec<String> {
     log.lines()
-        .filter(|l| !l.contains("containerd successfully booted"))
         .filter(|l| {
-            let l = l.to_lowercase();
-            (l.contains("boot")
+            l.contains("pod VM ready")
                 || l.contains("kernel-to-init")
-                || l.contains("agent-ready")
-                || l.contains("agent ready")
-                || l.contains("phase"))
-                && !l.contains("level=debug msg=\"loading plugin")
+                || l.contains("pod VM shut down")
+                || l.contains("booting the pod's VM")
         })
         .map(|l| l.chars().take(400).collect())
         .collect()
@@ -820,6 +818,9 @@ fn ember_containers_through_ctr() {
     let results = std::mem::take(&mut s.results);
     drop(s);
     let log_tail = ctrd.log_tail(80);
+    for l in boot_lines(&ctrd.log()) {
+        println!("[ctr_ember] shim: {l}");
+    }
     let report = ctrd.shutdown();
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     println!(
