@@ -316,6 +316,38 @@ fn cmdline_of(pid: i32) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
+/// utime + stime of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0;
+    };
+    // After "pid (comm)": state is field 3; utime and stime are 14 and 15.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(14) + get(15)
+}
+
+/// (RssAnon + RssFile, RssShmem) of a process in bytes; guest RAM is a
+/// memfd, so it shows as RssShmem.
+fn rss_split(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
+}
+
 /// Whether `pid` still runs `cmdline` (not a recycled pid).
 fn alive(pid: i32, cmdline: &str) -> bool {
     cmdline_of(pid).is_some_and(|c| c == cmdline)
@@ -641,6 +673,43 @@ fn ember_pods_through_cri() {
         std::fs::write(s.shared.join("host.txt"), "from-host\n")?;
         let got = s.exec_ok(&b, &["cat", "/shared/host.txt"])?;
         ensure!(got == "from-host\n", "B read host.txt: {got:?}");
+        Ok(())
+    });
+
+    s.case("work pod: shim footprint (informational)", |s| {
+        // What a pod costs on the host besides its containers: the shim
+        // (with the VMM in it, for Ember) and its children, idle.
+        let pod = s.work()?;
+        let fp = footprint(s.ctrd, &s.cri, &pod)?;
+        ensure!(!fp.processes.is_empty(), "no shim process found for the pod");
+        std::thread::sleep(Duration::from_secs(2));
+        let ticks0: u64 = fp.processes.keys().map(|p| cpu_ticks(*p)).sum();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(10));
+        let ticks1: u64 = fp.processes.keys().map(|p| cpu_ticks(*p)).sum();
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let millicores =
+            (ticks1.saturating_sub(ticks0)) as f64 / hz / t0.elapsed().as_secs_f64() * 1000.0;
+        for (pid, cmd) in &fp.processes {
+            let (own, shmem) = rss_split(*pid);
+            println!(
+                "[cri_ember]   pid {pid}: own RSS {:.1} MiB, shared (guest RAM) {:.1} MiB: {}",
+                own as f64 / 1048576.0,
+                shmem as f64 / 1048576.0,
+                cmd.chars().take(100).collect::<String>()
+            );
+        }
+        let (own, shmem) = fp
+            .processes
+            .keys()
+            .map(|p| rss_split(*p))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        println!(
+            "[cri_ember]   pod total: own RSS {:.1} MiB, shared {:.1} MiB, idle CPU {millicores:.0} millicores over 10 s",
+            own as f64 / 1048576.0,
+            shmem as f64 / 1048576.0
+        );
         Ok(())
     });
 
