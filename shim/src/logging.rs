@@ -15,13 +15,17 @@ use std::sync::Mutex;
 
 use tracing_subscriber::EnvFilter;
 
-/// The filter: `RUST_LOG` if set, else `debug` when containerd runs in
-/// debug mode, else the configured level.
+/// With containerd in debug mode: the shim's own debug messages, the VMM's
+/// at info (its debug level logs every vsock connection).
+const CONTAINERD_DEBUG: &str = "info,ember_shim=debug,containerd_shim=debug";
+
+/// The filter: `RUST_LOG` if set, else [`CONTAINERD_DEBUG`] when
+/// containerd runs in debug mode, else the configured level.
 fn filter(configured: &str, debug: bool) -> EnvFilter {
     if let Ok(f) = EnvFilter::try_from_default_env() {
         return f;
     }
-    let level = if debug { "debug" } else { configured };
+    let level = if debug { CONTAINERD_DEBUG } else { configured };
     EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 

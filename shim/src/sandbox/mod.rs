@@ -281,6 +281,12 @@ impl Sandbox {
                 tracing::warn!("the agent cannot mount the pod's share yet: {message}");
                 Ok(())
             }
+            // The agent mounts the share by itself at boot when it can; a
+            // second virtio-fs mount of the same tag is EBUSY.
+            Err(Error::Agent { message, .. }) if message.contains("EBUSY") => {
+                tracing::debug!("the pod's share is already mounted in the guest");
+                Ok(())
+            }
             Err(e) => Err(e.context(format!(
                 "mounting the pod's virtio-fs share ({SHARE_TAG}) at {GUEST_SHARED_DIR} in the guest"
             ))),
