@@ -239,17 +239,14 @@ fn dir_entries(p: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// `<namespace>/<pod>` entries under the shim's state dir (and the
-/// namespace dirs themselves).
+/// The shim's state dir for our namespace (`default`).
+fn ns_state_dir() -> PathBuf {
+    Path::new(EMBER_STATE_DIR).join("default")
+}
+
+/// Pod dirs in the shim's state dir for our namespace.
 fn state_entries() -> BTreeSet<String> {
-    let root = Path::new(EMBER_STATE_DIR);
-    let mut out = BTreeSet::new();
-    for ns in dir_entries(root) {
-        for pod in dir_entries(&root.join(&ns)) {
-            out.insert(format!("{ns}/{pod}"));
-        }
-    }
-    out
+    dir_entries(&ns_state_dir())
 }
 
 /// Prints the tail of every `*.log` in the pod's state dir (the guest
@@ -330,9 +327,7 @@ fn ember_containers_through_ctr() {
     }
     println!("[ctr_ember] runtime under test: {runtime}");
     let state_before = state_entries();
-    let mounts_before: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
-        .into_iter()
-        .collect();
+    let mounts_before: BTreeSet<String> = mounts_under(&ns_state_dir()).into_iter().collect();
     let ctrd = Containerd::start(opts).expect("containerd starts");
     let events = ctrd.events().expect("ctr events runs");
     let mut s = Suite {
@@ -776,11 +771,10 @@ fn ember_containers_through_ctr() {
     if s.ember {
         s.always("teardown: /run/ember clean", |_s| {
             // The shim keeps a pod's state in <state_dir>/<namespace>/<pod>/;
-            // other pods (other tests) may have theirs there too, so only
-            // what appeared during this test counts.
-            let mounts: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
-                .into_iter()
-                .collect();
+            // other tests' pods (CRI's in k8s.io, other harnesses') may come
+            // and go meanwhile, so only what appeared in our namespace
+            // during this test counts.
+            let mounts: BTreeSet<String> = mounts_under(&ns_state_dir()).into_iter().collect();
             let new_mounts: Vec<_> = mounts.difference(&mounts_before).collect();
             ensure!(
                 new_mounts.is_empty(),
@@ -795,7 +789,11 @@ fn ember_containers_through_ctr() {
             );
             let now = state_entries();
             let new: Vec<_> = now.difference(&state_before).collect();
-            ensure!(new.is_empty(), "state left in {EMBER_STATE_DIR}: {new:?}");
+            ensure!(
+                new.is_empty(),
+                "pod state left in {}: {new:?}",
+                ns_state_dir().display()
+            );
             Ok(())
         });
     }
