@@ -76,7 +76,18 @@ impl Agent {
     rpc!(resize_pty, "ResizePty", ResizePtyRequest => Empty);
     rpc!(close_stdin, "CloseStdin", CloseStdinRequest => Empty);
     rpc!(add_mounts, "AddMounts", AddMountsRequest => Empty);
-    rpc!(set_time, "SetTime", SetTimeRequest => Empty);
+
+    /// Sets the guest clock to the host's now.
+    pub async fn sync_clock(&self, timeout: Duration) -> Result<Empty> {
+        let mut req = SetTimeRequest::new();
+        req.time = Some(ember_proto::time::now()).into();
+        call(
+            "SetTime",
+            Some(timeout),
+            self.client.set_time(client::context(timeout), &req),
+        )
+        .await
+    }
 
     /// Liveness probe with its own (short) deadline.
     pub async fn health(&self, timeout: Duration) -> Result<HealthResponse> {

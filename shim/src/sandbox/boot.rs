@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use ember_proto::agent::{health_response::Status, HealthRequest, SetTimeRequest};
+use ember_proto::agent::{
+    health_response::Status, HealthRequest, SeedEntropyRequest, SetTimeRequest,
+};
 use ember_proto::client::{self, AgentClient};
 use ember_proto::AGENT_VSOCK_PORT;
 use ember_vmm::devices::virtio::vsock::connect_hybrid_timeout;
@@ -20,6 +22,8 @@ const CONNECT_ATTEMPT: Duration = Duration::from_secs(15);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between attempts while the guest boots.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// Random bytes given to the guest's entropy pool at boot.
+const ENTROPY_BYTES: usize = 256;
 /// Lines of the guest console quoted in a boot error.
 const CONSOLE_TAIL_LINES: usize = 15;
 
@@ -65,6 +69,13 @@ pub struct BootedVm {
     pub vm: Vm,
     pub agent: AgentClient,
     pub report: BootReport,
+}
+
+fn host_random(n: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
 }
 
 /// The last lines of a console log, for error messages.
@@ -141,6 +152,22 @@ pub async fn boot_vm(config: VmConfig, timeout: Duration) -> Result<BootedVm, Bo
         .await
     {
         tracing::warn!("setting the guest clock failed: {e}");
+    }
+    // Nor an entropy source: without this, getrandom() in guest programs
+    // can block early on.
+    match host_random(ENTROPY_BYTES) {
+        Ok(data) => {
+            let mut req = SeedEntropyRequest::new();
+            req.data = data;
+            req.credit = true;
+            if let Err(e) = agent
+                .seed_entropy(client::context(client::DEFAULT_TIMEOUT), &req)
+                .await
+            {
+                tracing::debug!("seeding guest entropy failed: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("reading host randomness: {e}"),
     }
     Ok(BootedVm { vm, agent, report })
 }

@@ -6,8 +6,12 @@
 //! is announced on the pod's death signal, which every process waiter
 //! watches: their tasks then exit with status 255.
 //!
-//! A VM whose agent stops answering is as good as dead: a health probe
-//! declares it so after [`HEALTH_FAILURES`] missed probes and stops the VM.
+//! A VM whose agent stops answering is as good as dead: a periodic probe
+//! declares it so after [`HEALTH_FAILURES`] misses and stops the VM. The
+//! probe is SetTime: besides proving the agent answers, it keeps the guest
+//! clock with the host's (without paravirtual clocks, e.g. on hosts
+//! without VT-x, the guest clock falls behind by minutes, and exit times
+//! the agent reports come from it).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,7 +22,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::agent::Agent;
 
-/// Interval between agent health probes.
+/// Interval between agent probes (clock syncs).
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 /// Deadline of one probe. Generous: on hosts without VT-x the guest kernel
 /// is emulated and a busy guest answers slowly.
@@ -164,7 +168,7 @@ pub async fn watch_agent_health(agent: Agent, death: DeathSignal, vm: std::sync:
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = death.wait() => return,
         }
-        match agent.health(HEALTH_TIMEOUT).await {
+        match agent.sync_clock(HEALTH_TIMEOUT).await {
             Ok(_) => failures = 0,
             Err(e) => {
                 if death.reason().is_some() {
