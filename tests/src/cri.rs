@@ -103,12 +103,23 @@ fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 // ---------------------------------------------------------------------------
 
 /// What ExecSync returned.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ExecOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub exit_code: i32,
     pub duration: Duration,
+}
+
+impl std::fmt::Debug for ExecOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecOutput")
+            .field("exit_code", &self.exit_code)
+            .field("stdout", &clip(&self.stdout_str()))
+            .field("stderr", &clip(&self.stderr_str()))
+            .field("duration", &self.duration)
+            .finish()
+    }
 }
 
 impl ExecOutput {
@@ -660,7 +671,7 @@ const CH_STATUS: u8 = 3;
 const CH_RESIZE: u8 = 4;
 
 /// What a streaming exec produced.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct StreamOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -671,6 +682,18 @@ pub struct StreamOutput {
     pub status: Option<String>,
     /// Whether the server closed the stream.
     pub closed: bool,
+}
+
+impl std::fmt::Debug for StreamOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamOutput")
+            .field("exit_code", &self.exit_code)
+            .field("stdout", &clip(&self.stdout_str()))
+            .field("stderr", &clip(&self.stderr_str()))
+            .field("status", &self.status)
+            .field("closed", &self.closed)
+            .finish()
+    }
 }
 
 impl StreamOutput {
