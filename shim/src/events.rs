@@ -14,12 +14,19 @@ use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
 
+/// Tests: events as (topic, text format), in publish order.
+#[cfg(test)]
+pub(crate) type Recorded = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
 /// Publishes events in the shim's namespace. Cheap to clone. A sink
 /// without a publisher (tests, the `ember` CLI) only logs.
 #[derive(Clone)]
 pub struct EventSink {
     publisher: Option<Arc<RemotePublisher>>,
     namespace: String,
+    /// Tests: every event as (topic, text format), in publish order.
+    #[cfg(test)]
+    pub(crate) recorded: Option<Recorded>,
 }
 
 impl EventSink {
@@ -27,6 +34,8 @@ impl EventSink {
         EventSink {
             publisher: Some(Arc::new(publisher)),
             namespace: namespace.into(),
+            #[cfg(test)]
+            recorded: None,
         }
     }
 
@@ -35,7 +44,18 @@ impl EventSink {
         EventSink {
             publisher: None,
             namespace: String::new(),
+            #[cfg(test)]
+            recorded: None,
         }
+    }
+
+    /// Tests: a sink that records what is published.
+    #[cfg(test)]
+    pub(crate) fn recording() -> (Self, Recorded) {
+        let rec = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut sink = Self::disabled();
+        sink.recorded = Some(rec.clone());
+        (sink, rec)
     }
 
     /// Queues `event` for containerd. A failure is logged, never returned:
@@ -43,6 +63,11 @@ impl EventSink {
     pub async fn publish<E: Event + 'static>(&self, event: E) {
         let topic = event.topic();
         tracing::debug!(%topic, event = ?EventDebug(&event), "event");
+        #[cfg(test)]
+        if let Some(rec) = &self.recorded {
+            let text = format!("{:?}", EventDebug(&event));
+            rec.lock().unwrap().push((topic.clone(), text));
+        }
         let Some(publisher) = &self.publisher else {
             return;
         };

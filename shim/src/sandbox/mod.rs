@@ -563,8 +563,8 @@ impl Sandbox {
                 Ok(io) => p.attach_io(io),
                 Err(e) => {
                     // Running without stdio is not what was asked for.
+                    p.set_sigkill(true);
                     let _ = self.signal(id, exec_id, SIGKILL, false).await;
-                    p.note_sigkill();
                     self.spawn_waiter(p.clone());
                     return Err(e);
                 }
@@ -694,21 +694,31 @@ impl Sandbox {
         if p.status() == Status::Stopped || self.death.reason().is_some() {
             return Err(Error::not_found("process already finished"));
         }
-        match self.signal(id, exec_id, signal, all).await {
+        // Noted before sending: the exit can be reported before the
+        // agent's answer to the signal arrives.
+        let targets: Vec<Arc<Process>> = if all && p.is_init() {
+            std::iter::once(p.clone()).chain(c.all_execs()).collect()
+        } else {
+            vec![p.clone()]
+        };
+        if signal == SIGKILL {
+            for t in &targets {
+                t.set_sigkill(true);
+            }
+        }
+        let sent = self.signal(id, exec_id, signal, all).await;
+        if sent.is_err() && signal == SIGKILL {
+            for t in &targets {
+                t.set_sigkill(false);
+            }
+        }
+        match sent {
             Ok(()) => {}
             Err(Error::Agent {
                 code: ttrpc::Code::NOT_FOUND,
                 ..
             }) => return Err(Error::not_found("process already finished")),
             Err(e) => return Err(e),
-        }
-        if signal == SIGKILL {
-            p.note_sigkill();
-            if all && p.is_init() {
-                for x in c.all_execs() {
-                    x.note_sigkill();
-                }
-            }
         }
         // A created (never started) process dies too: watch for it.
         if p.status() == Status::Created {
@@ -797,7 +807,7 @@ impl Sandbox {
         if self.death.reason().is_none() {
             match self.signal(&p.container_id, "", SIGKILL, true).await {
                 Ok(()) => {
-                    p.note_sigkill();
+                    p.set_sigkill(true);
                     self.spawn_waiter(p.clone());
                     if tokio::time::timeout(self.agent.timeout(), p.wait())
                         .await
@@ -993,6 +1003,33 @@ impl Sandbox {
     }
 }
 
+/// Tests: a sandbox around an agent connection, without a VM.
+#[cfg(test)]
+impl Sandbox {
+    pub(crate) fn for_tests(paths: SandboxPaths, agent: Agent, events: EventSink) -> Arc<Sandbox> {
+        let sandbox = Arc::new(Sandbox {
+            id: "test-pod".into(),
+            share: SharePaths::new(paths.shared.clone()),
+            paths,
+            boot: BootReport {
+                cpu_template: ember_vmm::CpuTemplate::Auto,
+                timings: Default::default(),
+                agent_ready: Duration::ZERO,
+            },
+            agent,
+            events,
+            containers: RwLock::new(HashMap::new()),
+            oom: Arc::new(OomTracker::default()),
+            death: DeathSignal::default(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            vm: Arc::new(VmHandle::detached()),
+            background: Mutex::new(Vec::new()),
+        });
+        sandbox.start_background();
+        sandbox
+    }
+}
+
 fn unknown_exit() -> Exit {
     Exit {
         status: UNKNOWN_EXIT_STATUS,
@@ -1001,41 +1038,4 @@ fn unknown_exit() -> Exit {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::resources::sizing::VmSize;
-
-    #[test]
-    fn vm_config_of_a_pod() {
-        let config = Config {
-            kernel_params: "quiet".into(),
-            ..Config::default()
-        };
-        let paths = SandboxPaths::new(&config.state_dir, "default", "pod");
-        let setup = SandboxSetup {
-            namespace: "default".into(),
-            id: "pod".into(),
-            size: VmSize {
-                vcpus: 2,
-                mem_mib: 512,
-            },
-            kernel_params: Some("loglevel=3".into()),
-        };
-        let vm = vm_config(&config, &paths, &setup);
-        assert_eq!((vm.vcpus, vm.mem_mib), (2, 512));
-        assert_eq!(vm.cmdline_extra, "quiet loglevel=3");
-        assert_eq!(vm.vsock.as_ref().unwrap().guest_cid, GUEST_CID);
-        assert_eq!(
-            vm.vsock.as_ref().unwrap().uds_path,
-            PathBuf::from("/run/ember/default/pod/vsock.sock")
-        );
-        assert_eq!(vm.fs_shares.len(), 1);
-        assert_eq!(vm.fs_shares[0].tag, "ember");
-        assert_eq!(
-            vm.fs_shares[0].shared_dir,
-            PathBuf::from("/run/ember/default/pod/shared")
-        );
-        assert_eq!(vm.initrd, Some(config.initrd.clone()));
-        vm.validate().unwrap();
-    }
-}
+mod tests;

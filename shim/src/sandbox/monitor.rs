@@ -94,6 +94,17 @@ impl VmHandle {
         reason.ok().flatten().unwrap_or(ExitReason::Stopped)
     }
 
+    /// Tests: a handle with no VM behind it.
+    #[cfg(test)]
+    pub(crate) fn detached() -> VmHandle {
+        let (_tx, done) = watch::channel(Some(ExitReason::Stopped));
+        VmHandle {
+            stop: Mutex::new(None),
+            done,
+            clock: BootClock::default(),
+        }
+    }
+
     /// Waits (at most `limit`) for the VM to end by itself; true if it did.
     pub async fn wait_ended(&self, limit: Duration) -> bool {
         let mut done = self.done.clone();

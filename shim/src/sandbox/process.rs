@@ -156,8 +156,9 @@ impl Process {
         true
     }
 
-    pub fn note_sigkill(&self) {
-        lock(&self.state).killed_by_us = true;
+    /// Whether this shim is sending (or sent) the process a SIGKILL.
+    pub fn set_sigkill(&self, sent: bool) {
+        lock(&self.state).killed_by_us = sent;
     }
 
     pub fn killed_by_us(&self) -> bool {
