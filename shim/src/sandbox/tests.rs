@@ -28,6 +28,7 @@ struct MockAgent {
     procs: Mutex<HashMap<Key, MockProc>>,
     next_pid: Mutex<u32>,
     specs: Mutex<Vec<serde_json::Value>>,
+    updates: Mutex<Vec<(String, serde_json::Value)>>,
     oom_rx: tokio::sync::Mutex<Option<mpsc::Receiver<String>>>,
 }
 
@@ -195,6 +196,31 @@ impl AgentService for MockService {
             pids,
             ..Default::default()
         })
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let r = serde_json::from_slice(&req.resources)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, &e.to_string()))?;
+        self.updates.lock().unwrap().push((req.container_id, r));
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        _: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        let mut r = StatsContainerResponse::new();
+        r.pids = Some(PidsStats {
+            current: 2,
+            ..Default::default()
+        })
+        .into();
+        Ok(r)
     }
 
     async fn pause_container(
@@ -369,6 +395,19 @@ async fn lifecycle_of_a_container() {
     assert_eq!(code(sb.pause("c1").await), Code::FAILED_PRECONDITION);
     sb.resume("c1").await.unwrap();
     assert_eq!(c.init.status(), Status::Running);
+
+    sb.update("c1", br#"{"memory":{"limit":67108864}}"#.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.agent.updates.lock().unwrap()[0],
+        (
+            "c1".to_string(),
+            serde_json::json!({"memory": {"limit": 67108864}})
+        )
+    );
+    assert_eq!(sb.stats("c1").await.unwrap().pids.current, 2);
+    assert_eq!(code(sb.stats("nope").await), Code::NOT_FOUND);
 
     // An exec: registered, started, listed with its exec id, exits.
     sb.add_exec(
