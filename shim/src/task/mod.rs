@@ -68,8 +68,14 @@ pub async fn read_bundle_spec(bundle: &std::path::Path) -> Result<serde_json::Va
 }
 
 fn log_result<T>(method: &str, id: &str, exec_id: &str, r: &Result<T>) {
-    if let Err(e) = r {
-        tracing::warn!(container = %id, exec = %exec_id, "{method}: {e}");
+    match r {
+        // Routine: CRI kills every finished exec, containerd deletes
+        // after a failed create.
+        Err(e @ Error::NotFound(_)) => {
+            tracing::debug!(container = %id, exec = %exec_id, "{method}: {e}")
+        }
+        Err(e) => tracing::warn!(container = %id, exec = %exec_id, "{method}: {e}"),
+        Ok(_) => {}
     }
 }
 
