@@ -277,8 +277,9 @@ async fn bench_one(config: &Config, size: VmSize, i: u32) -> Result<Duration> {
     let vm_cfg = vm_config(config, &paths, &setup);
     let result = bench_boot_and_stop(config, vm_cfg, i).await;
     let _ = std::fs::remove_dir_all(&paths.state_dir);
-    if let Some(parent) = paths.state_dir.parent() {
-        let _ = std::fs::remove_dir(parent);
+    // <state_dir>/bench/<pid>, then <state_dir>/bench, if empty.
+    for dir in paths.state_dir.ancestors().skip(1).take(2) {
+        let _ = std::fs::remove_dir(dir);
     }
     result
 }
