@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// CRI: "sandbox" or "container".
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-/// CRI (containerd 1.7+): pod-level resources on the sandbox container.
+/// CRI: pod-level resources, on the sandbox container (containerd 1.6+).
 pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";

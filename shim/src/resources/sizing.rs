@@ -14,15 +14,20 @@
 //!   `64..=max_memory_mib`.
 //!
 //! The workload's limits come from the pod-level CRI annotations when
-//! containerd sets them (1.7+: `io.kubernetes.cri.sandbox-cpu-quota`, ...),
-//! else from the spec's `linux.resources`. Guest memory is a memfd touched
-//! lazily, so a generous size costs host memory only when the guest uses it.
+//! containerd sets them (on the sandbox container:
+//! `io.kubernetes.cri.sandbox-cpu-quota`, ...), else from the spec's
+//! `linux.resources`. Guest memory is a memfd touched lazily, so a generous
+//! size costs host memory only when the guest uses it.
+//!
+//! A workload asking for more memory or CPUs than the host has is refused
+//! before anything boots ([`check_fits_host`]): no VM could honour it.
 
 use ember_vmm::memory::MIN_MEM_MIB;
 use serde_json::Value;
 
 use crate::annotations::{self, PodOverrides};
 use crate::config::Config;
+use crate::error::{Error, Result};
 
 const MIB: u64 = 1 << 20;
 
@@ -57,6 +62,57 @@ impl WorkloadLimits {
             cpu_period: period,
         }
     }
+}
+
+/// What the host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostResources {
+    pub memory_bytes: u64,
+    pub cpus: u64,
+}
+
+impl HostResources {
+    /// MemTotal from /proc/meminfo and the CPUs this process may use.
+    pub fn detect() -> Option<Self> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib: u64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cpus = std::thread::available_parallelism().ok()?.get() as u64;
+        Some(HostResources {
+            memory_bytes: kib * 1024,
+            cpus,
+        })
+    }
+}
+
+/// Refuses limits the host cannot possibly meet, with a message that
+/// names the resource.
+pub fn check_fits_host(limits: &WorkloadLimits, host: &HostResources) -> Result<()> {
+    if let Some(mem) = limits.memory_bytes {
+        if mem > host.memory_bytes {
+            return Err(Error::invalid(format!(
+                "the workload asks for {} MiB of memory, more than this host has ({} MiB)",
+                mem.div_ceil(MIB),
+                host.memory_bytes / MIB
+            )));
+        }
+    }
+    if let Some(quota) = limits.cpu_quota {
+        let period = limits.cpu_period.unwrap_or(100_000);
+        let cpus = (quota as u64).div_ceil(period);
+        if cpus > host.cpus {
+            return Err(Error::invalid(format!(
+                "the workload asks for {cpus} CPUs (quota {quota} / period {period}), more than this host has ({})",
+                host.cpus
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +234,41 @@ mod tests {
             size_vm(&c, &tiny, &PodOverrides::default()).mem_mib,
             MIN_MEM_MIB
         );
+    }
+
+    #[test]
+    fn more_than_the_host_has_is_refused() {
+        let host = HostResources {
+            memory_bytes: 8 << 30,
+            cpus: 2,
+        };
+        let ok = WorkloadLimits {
+            memory_bytes: Some(8 << 30),
+            cpu_quota: Some(200_000),
+            cpu_period: Some(100_000),
+        };
+        check_fits_host(&ok, &host).unwrap();
+        check_fits_host(&WorkloadLimits::default(), &host).unwrap();
+        let e = check_fits_host(
+            &WorkloadLimits {
+                memory_bytes: Some(32 << 30),
+                ..ok
+            },
+            &host,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains("32768 MiB of memory"), "{e}");
+        let e = check_fits_host(
+            &WorkloadLimits {
+                cpu_quota: Some(250_000),
+                ..ok
+            },
+            &host,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("3 CPUs"), "{e}");
+        assert!(HostResources::detect().is_some_and(|h| h.cpus >= 1 && h.memory_bytes > 0));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::events::{self, EventSink};
 use crate::io::StdioPaths;
 use crate::metrics;
 use crate::resources::mount::MountRequest;
-use crate::resources::sizing::{size_vm, WorkloadLimits};
+use crate::resources::sizing::{check_fits_host, size_vm, HostResources, WorkloadLimits};
 use crate::sandbox::{NewContainer, SandboxSetup};
 
 pub struct TaskService {
@@ -104,7 +104,12 @@ impl TaskService {
         let spec = read_bundle_spec(&bundle).await?;
         let ann = annotations::of_spec(&spec);
         let overrides = annotations::pod_overrides(&ann, &config)?;
-        let size = size_vm(&config, &WorkloadLimits::from_spec(&spec), &overrides);
+        let limits = WorkloadLimits::from_spec(&spec);
+        // Refused before any VM boots.
+        if let Some(host) = HostResources::detect() {
+            check_fits_host(&limits, &host)?;
+        }
+        let size = size_vm(&config, &limits, &overrides);
         let setup = SandboxSetup {
             namespace: self.pod.namespace.clone(),
             id: self.pod.id.clone(),
@@ -574,6 +579,19 @@ mod tests {
             code(s.create(&c, req.clone()).await),
             ttrpc::Code::FAILED_PRECONDITION
         );
+        // More memory than the host has: refused before any boot.
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"linux": {"resources": {"memory": {"limit": 9223372036854775807}}}}"#,
+        )
+        .unwrap();
+        match s.create(&c, req.clone()).await {
+            Err(ttrpc::Error::RpcStatus(st)) => {
+                assert_eq!(st.code(), ttrpc::Code::INVALID_ARGUMENT);
+                assert!(st.message().contains("memory"), "{}", st.message());
+            }
+            other => panic!("{other:?}"),
+        }
         let cp = CreateTaskRequest {
             checkpoint: "/cp".into(),
             ..req
