@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -91,7 +91,9 @@ pub struct VcpuHandle {
     pub id: u8,
     thread: Option<JoinHandle<()>>,
     requests: Sender<Request>,
-    responses: Receiver<Response>,
+    // In a Mutex so that a `Vm` (which holds these handles) is `Sync` and
+    // can be awaited from any task; only the snapshot path receives.
+    responses: Mutex<Receiver<Response>>,
 }
 
 impl Vcpu {
@@ -106,7 +108,7 @@ impl Vcpu {
             id,
             thread: Some(thread),
             requests: req_tx,
-            responses: resp_rx,
+            responses: Mutex::new(resp_rx),
         })
     }
 
@@ -282,9 +284,10 @@ impl VcpuHandle {
         let Some(thread) = self.thread.as_ref() else {
             return Err(SnapshotError::Pause(self.id));
         };
+        let responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let _ = thread.kill(kick_signal());
-            match self.responses.recv_timeout(Duration::from_millis(5)) {
+            match responses.recv_timeout(Duration::from_millis(5)) {
                 Ok(Response::Paused) => return Ok(()),
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
@@ -298,8 +301,9 @@ impl VcpuHandle {
         self.requests
             .send(Request::SaveState)
             .map_err(|_| SnapshotError::Pause(self.id))?;
+        let responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            match self.responses.recv_timeout(Duration::from_secs(10)) {
+            match responses.recv_timeout(Duration::from_secs(10)) {
                 Ok(Response::State(state)) => return *state,
                 Ok(_) => continue,
                 Err(_) => return Err(SnapshotError::Pause(self.id)),
@@ -312,8 +316,9 @@ impl VcpuHandle {
         self.requests
             .send(Request::Resume)
             .map_err(|_| SnapshotError::Pause(self.id))?;
+        let responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            match self.responses.recv_timeout(Duration::from_secs(10)) {
+            match responses.recv_timeout(Duration::from_secs(10)) {
                 Ok(Response::Resumed) => return Ok(()),
                 Ok(_) => continue,
                 Err(_) => return Err(SnapshotError::Pause(self.id)),

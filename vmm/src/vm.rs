@@ -631,6 +631,12 @@ impl Vm {
     }
 }
 
+// The shim awaits `Vm::wait` from tasks of a multi-threaded runtime.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Vm>();
+};
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.teardown();

@@ -17,6 +17,9 @@
 //! for: its `Opcode::from(u32)` transmutes any value below 50, which is
 //! undefined behaviour for the holes (7, 19) when its trace logging is on.
 
+/// FUSE_SYNCFS (protocol 7.34), not in fuse-backend-rs's opcode list.
+const FUSE_SYNCFS: u32 = 50;
+
 use std::fmt;
 use std::io;
 use std::mem::size_of;
@@ -382,6 +385,12 @@ impl RequestHandler {
             return refuse_with(libc::ENOTTY);
         }
         if !in_set(SERVED, op) {
+            // Linux sends FUSE_SYNCFS (50) on every unmount; ENOSYS makes it
+            // stop asking, so that is not worth a warning.
+            if op == FUSE_SYNCFS {
+                tracing::debug!("FUSE_SYNCFS answered ENOSYS");
+                return refuse_with(libc::ENOSYS);
+            }
             self.guest_warn(format_args!("unsupported opcode {op}"));
             return refuse_with(libc::ENOSYS);
         }
