@@ -423,6 +423,40 @@ fn ember_state() -> BTreeSet<String> {
     out
 }
 
+/// Unmounts and removes pod state this test left under the Ember state
+/// dir (after the harness killed the shims that owned it).
+fn clean_ember_leftovers(state_before: &BTreeSet<String>, mounts_before: &BTreeSet<String>) {
+    let mut mounts: Vec<String> = mounts_under(Path::new(EMBER_STATE_DIR))
+        .into_iter()
+        .filter(|m| !mounts_before.contains(m))
+        .collect();
+    mounts.reverse();
+    for m in mounts {
+        eprintln!("[cri_ember] LEAK: unmounting {m}");
+        if let Ok(c) = std::ffi::CString::new(m) {
+            // SAFETY: umount2 with a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    for entry in ember_state().difference(state_before) {
+        let p = Path::new(EMBER_STATE_DIR).join(entry);
+        // Never recurse into a mount (a volume's source would go with it).
+        let still = mounts_under(&p);
+        if !still.is_empty() {
+            eprintln!(
+                "[cri_ember] LEAK: {} still has mounts {still:?}: left in place",
+                p.display()
+            );
+            continue;
+        }
+        eprintln!("[cri_ember] LEAK: removing {}", p.display());
+        let _ = std::fs::remove_dir_all(&p);
+        if let Some(ns) = p.parent() {
+            let _ = std::fs::remove_dir(ns);
+        }
+    }
+}
+
 /// Stops and removes `pod`, then checks it left nothing behind.
 fn remove_and_check(s: &Suite, pod: &Pod, netns_before: &BTreeSet<String>) -> Result<()> {
     let fp = footprint(s.ctrd, &s.cri, pod)?;
@@ -1460,35 +1494,41 @@ fn ember_pods_through_cri() {
 
     s.case("teardown: no shims, no Ember state, no mounts", |s| {
         // Whatever a failed case left: removed now, reported.
+        let mut problems = Vec::new();
         let pods = s.cri.list_pods()?;
         for p in &pods {
             let _ = s.cri.stop_and_remove_pod(&p.id);
         }
-        ensure!(pods.is_empty(), "pods left by failed cases: {pods:?}");
+        if !pods.is_empty() {
+            let ids: Vec<_> = pods.iter().map(|p| &p.id).collect();
+            problems.push(format!("pods left by failed cases: {ids:?}"));
+        }
         let start = Instant::now();
         while !s.ctrd.shim_processes().is_empty() && start.elapsed() < WAIT {
             std::thread::sleep(Duration::from_millis(250));
         }
         let shims = s.ctrd.shim_processes();
-        ensure!(shims.is_empty(), "shim processes left: {shims:?}");
+        if !shims.is_empty() {
+            problems.push(format!("shim processes left: {shims:?}"));
+        }
         let new_state: Vec<_> = ember_state().difference(&state_before).cloned().collect();
-        ensure!(
-            new_state.is_empty(),
-            "left in {EMBER_STATE_DIR}: {new_state:?}"
-        );
+        if !new_state.is_empty() {
+            problems.push(format!("left in {EMBER_STATE_DIR}: {new_state:?}"));
+        }
         let mounts: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
             .into_iter()
             .collect();
         let new_mounts: Vec<_> = mounts.difference(&ember_mounts_before).collect();
-        ensure!(
-            new_mounts.is_empty(),
-            "mounts left under {EMBER_STATE_DIR}: {new_mounts:?}"
-        );
+        if !new_mounts.is_empty() {
+            problems.push(format!(
+                "mounts left under {EMBER_STATE_DIR}: {new_mounts:?}"
+            ));
+        }
         let in_harness = mounts_under(s.ctrd.dir());
-        ensure!(
-            in_harness.is_empty(),
-            "mounts left in the harness dir: {in_harness:?}"
-        );
+        if !in_harness.is_empty() {
+            problems.push(format!("mounts left in the harness dir: {in_harness:?}"));
+        }
+        ensure!(problems.is_empty(), "{}", problems.join("; "));
         Ok(())
     });
 
@@ -1497,6 +1537,10 @@ fn ember_pods_through_cri() {
     drop(s);
     let log_tail = ctrd.log_tail(80);
     let report = ctrd.shutdown();
+    // The harness killed leftover shims; what they left under the Ember
+    // state dir (pod dirs, their virtio-fs share mounts) goes too, so the
+    // next test on this machine starts clean. Already reported above.
+    clean_ember_leftovers(&state_before, &ember_mounts_before);
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     println!(
         "\n[cri_ember] ===== summary, handler {} ({:.1}s) =====",
