@@ -8,6 +8,7 @@
 //! hostile guest on one device cannot stall another one or a vCPU.
 
 pub mod fs;
+mod log_limit;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]

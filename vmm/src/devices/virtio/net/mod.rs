@@ -25,7 +25,6 @@ pub mod tap;
 mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 pub use device::{Net, MIN_MTU, QUEUE_SIZE};
 pub use netns::in_netns;
@@ -141,53 +140,5 @@ pub struct NetStats {
     pub worker_wakeups: u64,
 }
 
-/// Rate limiter for warnings caused by the guest or the backend: at most
-/// `PER_SEC` a second, then one summary line of how many were suppressed.
-#[derive(Debug)]
-pub(crate) struct LogLimiter {
-    window_start: Instant,
-    count: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PER_SEC: u32 = 20;
-
-    pub(crate) fn new() -> Self {
-        Self {
-            window_start: Instant::now(),
-            count: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether one more warning may be logged now.
-    pub(crate) fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                tracing::warn!("net: {} similar warnings suppressed", self.suppressed);
-            }
-            self.window_start = now;
-            self.count = 0;
-            self.suppressed = 0;
-        }
-        if self.count < Self::PER_SEC {
-            self.count += 1;
-            true
-        } else {
-            self.suppressed = self.suppressed.saturating_add(1);
-            false
-        }
-    }
-}
-
-/// `tracing::warn!` through a [`LogLimiter`].
-macro_rules! net_warn_rl {
-    ($lim:expr, $($arg:tt)*) => {
-        if $lim.allow() {
-            tracing::warn!($($arg)*);
-        }
-    };
-}
-pub(crate) use net_warn_rl;
+pub(crate) use super::log_limit::LogLimiter;
+pub(crate) use super::log_limit::warn_rl as net_warn_rl;
