@@ -92,7 +92,10 @@ pub async fn wait_for_agent(vm: &Vm, deadline: Duration) -> Result<AgentClient> 
         {
             let agent = AgentClient::from_stream(stream);
             let health = agent
-                .health(client::context(Duration::from_secs(30)), &HealthRequest::new())
+                .health(
+                    client::context(Duration::from_secs(30)),
+                    &HealthRequest::new(),
+                )
                 .await;
             if let Ok(h) = health {
                 if h.status.enum_value_or_default() == Status::SERVING {
@@ -155,21 +158,7 @@ impl ProcessResources {
     }
 }
 
-/// RSS of this process split into the VMM's own memory and guest memory:
-/// (RssAnon + RssFile, RssShmem) in bytes. Guest RAM is a memfd, so it is
-/// counted as shared memory and not in the first figure.
-pub fn process_rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
-}
-pub mod containerd; pub mod image;
+pub use ember_vmm::memory::process_rss;
+pub mod containerd;
 pub mod cri;
+pub mod image;

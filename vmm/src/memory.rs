@@ -162,6 +162,24 @@ impl GuestRam {
     }
 }
 
+/// (RssAnon + RssFile, RssShmem) of this process in bytes. Guest RAM of a
+/// booted VM is a memfd and shows as RssShmem, so the first number is the
+/// VMM's own memory (for VMs restored from a snapshot, pages read from the
+/// memory file count as RssFile).
+pub fn process_rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
+}
+
 /// Bytes of private (copy-on-write) pages this process holds in its
 /// mappings of `path`, from /proc/self/smaps.
 pub fn private_dirty_of(path: &std::path::Path) -> u64 {

@@ -199,22 +199,6 @@ fn parse_bench_args(args: &[&str]) -> Result<BenchArgs> {
     Ok(out)
 }
 
-/// (RssAnon + RssFile, RssShmem) of this process in bytes. Guest memory is
-/// a memfd and shows as RssShmem, so the first number is the VMM's own.
-fn process_rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1}MiB", bytes as f64 / (1 << 20) as f64)
 }
@@ -292,7 +276,7 @@ async fn bench_boot_and_stop(
     let booted = boot_vm(vm_cfg, config.boot_timeout())
         .await
         .with_context(|| format!("VM {i}"))?;
-    let (vmm_rss, _shmem) = process_rss();
+    let (vmm_rss, _shmem) = ember_vmm::memory::process_rss();
     let touched = booted.vm.guest_memory_usage();
     let report = booted.report;
 
@@ -356,7 +340,7 @@ mod tests {
 
     #[test]
     fn rss_is_read() {
-        let (own, _) = process_rss();
+        let (own, _) = ember_vmm::memory::process_rss();
         assert!(own > 0);
     }
 }

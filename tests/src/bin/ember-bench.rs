@@ -1,8 +1,6 @@
-//! Ember's VM benchmarks: figures printed, nothing asserted.
+//! Ember's snapshot benchmark: figures printed, nothing asserted.
+//! (Boot figures: `ember bench boot`, which uses the shim's own boot path.)
 //!
-//!   ember-bench boot [N]        boot N VMs one after another, per VM: time
-//!                               to first guest instruction, kernel→init,
-//!                               agent ready, shutdown, VMM memory
 //!   ember-bench snapshot [N]    cold boot vs restore from a template, side
 //!                               by side, and host memory (PSS) of N idle
 //!                               restored VMs vs N idle cold-booted ones
@@ -13,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ember_e2e::{process_rss, vm_config, wait_for_agent};
+use ember_e2e::{vm_config, wait_for_agent};
 use ember_proto::agent::ShutdownRequest;
 use ember_proto::client::{self, AgentClient};
 use ember_vmm::timing::fmt_duration;
@@ -44,7 +42,10 @@ fn pss() -> u64 {
 async fn shutdown(vm: Vm, agent: AgentClient) -> Duration {
     let t = Instant::now();
     let _ = agent
-        .shutdown(client::context(Duration::from_secs(30)), &ShutdownRequest::new())
+        .shutdown(
+            client::context(Duration::from_secs(30)),
+            &ShutdownRequest::new(),
+        )
         .await;
     drop(agent);
     let _ = tokio::time::timeout(Duration::from_secs(120), vm.wait()).await;
@@ -56,33 +57,11 @@ async fn boot(dir: &std::path::Path, n: usize) -> Result<(Vm, AgentClient, Durat
     let vdir = dir.join(format!("vm{n}"));
     std::fs::create_dir_all(&vdir)?;
     let t = Instant::now();
-    let vm = Vm::start(vm_config(&vdir, 3)).await.context("starting VM")?;
+    let vm = Vm::start(vm_config(&vdir, 3))
+        .await
+        .context("starting VM")?;
     let agent = wait_for_agent(&vm, BOOT_DEADLINE).await?;
     Ok((vm, agent, t.elapsed()))
-}
-
-async fn bench_boot(count: usize) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    println!("vm  first-insn  kernel-to-init  init-to-agent  agent-ready  shutdown  vmm-rss(MiB)  guest-touched(MiB)");
-    for n in 0..count {
-        let (vm, agent, ready) = boot(dir.path(), n).await?;
-        let t = vm.timings();
-        let (vmm_rss, _) = process_rss();
-        let (_, touched) = vm.guest_memory_usage().unwrap_or((0, 0));
-        let template = vm.cpu_template();
-        let down = shutdown(vm, agent).await;
-        println!(
-            "{n:<3} {:>10}  {:>14}  {:>13}  {:>11}  {:>8}  {:>12.1}  {:>18.1}   (template {template})",
-            fmt_duration(t.to_first_instruction),
-            fmt_duration(t.kernel_to_init),
-            fmt_duration(t.init_to_agent),
-            fmt_duration(Some(ready)),
-            fmt_duration(Some(down)),
-            mib(vmm_rss),
-            mib(touched),
-        );
-    }
-    Ok(())
 }
 
 async fn bench_snapshot(count: usize) -> Result<()> {
@@ -109,7 +88,10 @@ async fn bench_snapshot(count: usize) -> Result<()> {
     let files = SnapshotFiles::new(dir.path().join("template"));
     let t = Instant::now();
     template_vm.snapshot(files.clone(), IDENTITY.into()).await?;
-    println!("template snapshot written in {}", fmt_duration(Some(t.elapsed())));
+    println!(
+        "template snapshot written in {}",
+        fmt_duration(Some(t.elapsed()))
+    );
 
     let base_pss = pss();
     let mut restored = Vec::new();
@@ -127,8 +109,16 @@ async fn bench_snapshot(count: usize) -> Result<()> {
     println!();
     println!("sandbox-ready time, cold boot vs restore from template:");
     println!("pod  cold-boot  restore");
-    for (n, (c, r)) in cold_ready.iter().zip(restored.iter().map(|r| r.2)).enumerate() {
-        println!("{n:<4} {:>9}  {:>7}", fmt_duration(Some(*c)), fmt_duration(Some(r)));
+    for (n, (c, r)) in cold_ready
+        .iter()
+        .zip(restored.iter().map(|r| r.2))
+        .enumerate()
+    {
+        println!(
+            "{n:<4} {:>9}  {:>7}",
+            fmt_duration(Some(*c)),
+            fmt_duration(Some(r))
+        );
     }
     println!();
     println!(
@@ -154,8 +144,7 @@ async fn main() -> Result<()> {
         }
     };
     match args.first().map(String::as_str) {
-        Some("boot") => bench_boot(count(1, 3)?).await,
         Some("snapshot") => bench_snapshot(count(1, 3)?).await,
-        _ => bail!("usage: ember-bench boot [N] | ember-bench snapshot [N]"),
+        _ => bail!("usage: ember-bench snapshot [N]"),
     }
 }
