@@ -1135,8 +1135,13 @@ pub fn wait_log(
 
 /// A CNI bridge network (`bridge` + `host-local` IPAM, `isGateway`, no
 /// masquerading, no iptables) on a private subnet inside this machine.
-/// host-local keeps its allocations in a temp dir of ours. On drop, the
-/// bridge is deleted if it did not exist before.
+/// host-local keeps its allocations in a temp dir of ours.
+///
+/// Several test runs may share the machine: each network holds an
+/// exclusive lock on its bridge name (`/run/lock/ember-e2e-cni-<bridge>.lock`)
+/// for its lifetime, so two runs never share a bridge or hand out the same
+/// addresses; [`CniNetwork::pick`] takes the first free slot. On drop the
+/// bridge is deleted (no other run can be using it: we hold its lock).
 pub struct CniNetwork {
     pub name: String,
     pub bridge: String,
@@ -1145,7 +1150,8 @@ pub struct CniNetwork {
     pub gateway: Ipv4Addr,
     pub bin_dir: PathBuf,
     data_dir: tempfile::TempDir,
-    bridge_existed: bool,
+    /// Held (flock) while the network exists; None in unit tests.
+    lock: Option<std::fs::File>,
 }
 
 /// Whether network interface `name` exists.
@@ -1154,9 +1160,27 @@ pub fn link_exists(name: &str) -> bool {
 }
 
 impl CniNetwork {
+    /// The first free of `slots` networks: bridge `<bridge_base><i>` on
+    /// the /24 `subnet_base` + i (third octet), i = 0.., e.g. `ember-cni0`
+    /// on 10.88.77.0/24, `ember-cni1` on 10.88.78.0/24, ...
+    pub fn pick(name: &str, bridge_base: &str, subnet_base: Ipv4Addr, slots: u8) -> Result<Self> {
+        let mut why = Vec::new();
+        for i in 0..slots {
+            let [a, b, c, _] = subnet_base.octets();
+            let Some(c) = c.checked_add(i) else { break };
+            let subnet = Ipv4Addr::new(a, b, c, 0);
+            match Self::bridge(name, &format!("{bridge_base}{i}"), subnet, 24) {
+                Ok(n) => return Ok(n),
+                Err(e) => why.push(format!("{e:#}")),
+            }
+        }
+        bail!("no free CNI test network: {}", why.join("; "))
+    }
+
     /// `name` (the CNI network name), `bridge` (the host bridge it creates),
     /// `subnet`/`prefix`; the gateway (bridge address) is the subnet's .1.
-    /// Fails if the CNI plugins are missing or the subnet is already routed.
+    /// Fails if the CNI plugins are missing, another run holds the bridge,
+    /// or the subnet is routed elsewhere.
     pub fn bridge(name: &str, bridge: &str, subnet: Ipv4Addr, prefix: u8) -> Result<Self> {
         let bin_dir = std::env::var_os("EMBER_CNI_BIN_DIR")
             .map(PathBuf::from)
@@ -1170,17 +1194,46 @@ impl CniNetwork {
         }
         ensure!((8..=30).contains(&prefix), "prefix /{prefix}");
         let gateway = Ipv4Addr::from(u32::from(subnet) + 1);
-        let bridge_existed = link_exists(bridge);
-        // Someone else's route to this subnet (not via our bridge) would
-        // make the test lie.
+        let lock_dir = Path::new("/run/lock");
+        let lock_path = if lock_dir.is_dir() {
+            lock_dir.join(format!("ember-e2e-cni-{bridge}.lock"))
+        } else {
+            std::env::temp_dir().join(format!("ember-e2e-cni-{bridge}.lock"))
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        // SAFETY: flock on an fd we own.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        ensure!(
+            rc == 0,
+            "bridge {bridge} is in use by another test run ({} is locked)",
+            lock_path.display()
+        );
+        // Someone else's route to this subnet would make the test lie.
         let routes = std::process::Command::new("ip")
             .args(["-4", "route", "show", "to", "match", &gateway.to_string()])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
+        // An existing bridge of that name may be a run's that takes no lock
+        // (an older version of this code) or a crashed run's: not ours to
+        // reuse or delete.
+        ensure!(
+            !link_exists(bridge),
+            "bridge {bridge} already exists (another test run's?)"
+        );
         for l in routes.lines() {
             ensure!(
-                l.starts_with("default") || l.contains(&format!("dev {bridge} ")),
+                l.starts_with("default"),
                 "subnet {subnet}/{prefix} is already routed on this host: {l:?}"
             );
         }
@@ -1195,7 +1248,7 @@ impl CniNetwork {
             gateway,
             bin_dir,
             data_dir,
-            bridge_existed,
+            lock: Some(lock),
         })
     }
 
@@ -1256,11 +1309,13 @@ impl CniNetwork {
 
 impl Drop for CniNetwork {
     fn drop(&mut self) {
-        if !self.bridge_existed && link_exists(&self.bridge) {
+        if self.lock.is_some() && link_exists(&self.bridge) {
             let _ = std::process::Command::new("ip")
                 .args(["link", "del", &self.bridge])
                 .status();
         }
+        // The lock goes with the file.
+        self.lock = None;
     }
 }
 
@@ -1312,6 +1367,22 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_networks_never_share_a_slot() {
+        if !Path::new("/usr/lib/cni/bridge").exists() {
+            return;
+        }
+        let base: Ipv4Addr = "10.88.200.0".parse().unwrap();
+        let a = CniNetwork::pick("t", "ember-cnit", base, 4).unwrap();
+        let b = CniNetwork::pick("t", "ember-cnit", base, 4).unwrap();
+        assert_ne!(a.bridge, b.bridge);
+        assert_ne!(a.subnet, b.subnet);
+        drop(a);
+        // The freed slot is taken again.
+        let c = CniNetwork::pick("t", "ember-cnit", base, 4).unwrap();
+        assert_ne!(c.bridge, b.bridge);
+    }
+
+    #[test]
     fn cni_subnet() {
         let n = CniNetwork {
             name: "t".into(),
@@ -1321,7 +1392,7 @@ mod tests {
             gateway: "10.88.77.1".parse().unwrap(),
             bin_dir: "/usr/lib/cni".into(),
             data_dir: tempfile::tempdir().unwrap(),
-            bridge_existed: true,
+            lock: None,
         };
         assert!(n.contains("10.88.77.9".parse().unwrap()));
         assert!(!n.contains("10.88.78.9".parse().unwrap()));

@@ -32,16 +32,20 @@ use ember_e2e::containerd::{
     mounts_under, processes_mentioning, Containerd, Options, EMBER_STATE_DIR,
 };
 use ember_e2e::cri::{
-    self, add_mount, api, cni_netns, container_config, container_log_name, cri_error, log_text,
-    pod_config, read_log, set_cpu_limit, set_memory_limit, stats_figures, wait_log, CniNetwork,
-    Cri, PodNetwork, CRI_NAMESPACE,
+    self, add_mount, api, container_config, container_log_name, cri_error, log_text, pod_config,
+    read_log, set_cpu_limit, set_memory_limit, stats_figures, wait_log, CniNetwork, Cri,
+    PodNetwork, CRI_NAMESPACE,
 };
 use ember_e2e::image::BUSYBOX_IMAGE;
 
 /// The handler the RuntimeClass `ember` names.
 const EMBER_HANDLER: &str = "ember";
-const NET_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 88, 77, 0);
-const NET_BRIDGE: &str = "ember-cni0";
+/// The CNI test network: the first free of `ember-cni0` on 10.88.77.0/24,
+/// `ember-cni1` on 10.88.78.0/24, ... (private to this machine; a lock per
+/// bridge keeps concurrent runs apart).
+const NET_SUBNET_BASE: Ipv4Addr = Ipv4Addr::new(10, 88, 77, 0);
+const NET_BRIDGE_BASE: &str = "ember-cni";
+const NET_SLOTS: u8 = 16;
 const NET_NAME: &str = "ember-e2e";
 /// The net pod's server port (its own network namespace).
 const NET_PORT: u16 = 8080;
@@ -112,6 +116,8 @@ struct Pod {
     log_dir: PathBuf,
     /// Container name -> id (the current one for that name).
     containers: BTreeMap<String, String>,
+    /// The network namespace containerd made for the pod (pod network only).
+    netns: Option<String>,
 }
 
 impl Pod {
@@ -204,12 +210,14 @@ impl Suite<'_> {
             self.handler,
             t0.elapsed().as_secs_f64()
         );
+        let netns = sandbox_netns(&self.cri, &id);
         Ok(Pod {
             name: name.to_string(),
             id,
             config: config.clone(),
             log_dir: log_dir.to_path_buf(),
             containers: BTreeMap::new(),
+            netns,
         })
     }
 
@@ -411,35 +419,64 @@ fn dir_entries(p: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// `<namespace>/<pod>` entries under the Ember state dir.
-fn ember_state() -> BTreeSet<String> {
-    let root = Path::new(EMBER_STATE_DIR);
-    let mut out = BTreeSet::new();
-    for ns in dir_entries(root) {
-        for pod in dir_entries(&root.join(&ns)) {
-            out.insert(format!("{ns}/{pod}"));
+/// Every pod sandbox id our containerd generated (its log names each one,
+/// including those whose RunPodSandbox failed). Other test runs on this
+/// machine have pods under the Ember state dir too: only ours are checked.
+fn our_sandbox_ids(ctrd: &Containerd) -> BTreeSet<String> {
+    const KEY: &str = "podsandboxid=";
+    let mut ids = BTreeSet::new();
+    for line in ctrd.log().lines() {
+        let mut rest = line;
+        while let Some(i) = rest.find(KEY) {
+            rest = &rest[i + KEY.len()..];
+            let id: String = rest
+                .trim_start_matches('"')
+                .chars()
+                .take_while(|c| c.is_ascii_hexdigit())
+                .collect();
+            if id.len() == 64 {
+                ids.insert(id);
+            }
         }
     }
-    out
+    ids
 }
 
-/// Unmounts and removes pod state this test left under the Ember state
-/// dir (after the harness killed the shims that owned it).
-fn clean_ember_leftovers(state_before: &BTreeSet<String>, mounts_before: &BTreeSet<String>) {
-    let mut mounts: Vec<String> = mounts_under(Path::new(EMBER_STATE_DIR))
-        .into_iter()
-        .filter(|m| !mounts_before.contains(m))
-        .collect();
-    mounts.reverse();
-    for m in mounts {
-        eprintln!("[cri_ember] LEAK: unmounting {m}");
-        if let Ok(c) = std::ffi::CString::new(m) {
-            // SAFETY: umount2 with a valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+/// The Ember state dir of one of our pods.
+fn ember_pod_dir(id: &str) -> PathBuf {
+    Path::new(EMBER_STATE_DIR).join(CRI_NAMESPACE).join(id)
+}
+
+/// The network namespace path in the sandbox's OCI spec, if it has one.
+fn sandbox_netns(cri: &Cri, pod_id: &str) -> Option<String> {
+    let full = cri.pod_status_full(pod_id, true).ok()?;
+    let v: serde_json::Value = serde_json::from_str(full.info.get("info")?).ok()?;
+    v.pointer("/runtimeSpec/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+}
+
+/// Unmounts and removes the Ember state our pods left (after the harness
+/// killed the shims that owned it). Only our pods' dirs are touched.
+fn clean_ember_leftovers(ids: &BTreeSet<String>) {
+    for id in ids {
+        let p = ember_pod_dir(id);
+        if !p.exists() {
+            continue;
         }
-    }
-    for entry in ember_state().difference(state_before) {
-        let p = Path::new(EMBER_STATE_DIR).join(entry);
+        let mut mounts = mounts_under(&p);
+        mounts.reverse();
+        for m in mounts {
+            eprintln!("[cri_ember] LEAK: unmounting {m}");
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: umount2 with a valid C string.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
         // Never recurse into a mount (a volume's source would go with it).
         let still = mounts_under(&p);
         if !still.is_empty() {
@@ -451,14 +488,11 @@ fn clean_ember_leftovers(state_before: &BTreeSet<String>, mounts_before: &BTreeS
         }
         eprintln!("[cri_ember] LEAK: removing {}", p.display());
         let _ = std::fs::remove_dir_all(&p);
-        if let Some(ns) = p.parent() {
-            let _ = std::fs::remove_dir(ns);
-        }
     }
 }
 
 /// Stops and removes `pod`, then checks it left nothing behind.
-fn remove_and_check(s: &Suite, pod: &Pod, netns_before: &BTreeSet<String>) -> Result<()> {
+fn remove_and_check(s: &Suite, pod: &Pod) -> Result<()> {
     let fp = footprint(s.ctrd, &s.cri, pod)?;
     println!(
         "[cri_ember]   pod {}: {} processes, {} ids before removal",
@@ -538,10 +572,10 @@ fn remove_and_check(s: &Suite, pod: &Pod, netns_before: &BTreeSet<String>) -> Re
             problems.push(format!("{} holds {left:?}", d.display()));
         }
     }
-    let netns_now: BTreeSet<String> = cni_netns().into_iter().collect();
-    let new_netns: Vec<_> = netns_now.difference(netns_before).collect();
-    if !new_netns.is_empty() {
-        problems.push(format!("network namespaces left: {new_netns:?}"));
+    if let Some(ns) = &pod.netns {
+        if Path::new(ns).exists() {
+            problems.push(format!("network namespace {ns} left"));
+        }
     }
     ensure!(problems.is_empty(), "{}", problems.join("; "));
     Ok(())
@@ -612,7 +646,7 @@ fn err_text(e: &anyhow::Error) -> String {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn ember_pods_through_cri() {
+fn cri_ember_pods() {
     let handler =
         std::env::var("EMBER_E2E_CRI_HANDLER").unwrap_or_else(|_| EMBER_HANDLER.to_string());
     let ember = handler == EMBER_HANDLER;
@@ -629,7 +663,12 @@ fn ember_pods_through_cri() {
         }
     }
     let t_all = Instant::now();
-    let cni = CniNetwork::bridge(NET_NAME, NET_BRIDGE, NET_SUBNET, 24).expect("CNI network");
+    let cni = CniNetwork::pick(NET_NAME, NET_BRIDGE_BASE, NET_SUBNET_BASE, NET_SLOTS)
+        .expect("CNI network");
+    println!(
+        "[cri_ember] CNI network: bridge {} on {}/{}",
+        cni.bridge, cni.subnet, cni.prefix
+    );
     let mut opts = if ember {
         Options::with_ember().expect("containerd-shim-ember-v2 is built")
     } else {
@@ -640,11 +679,6 @@ fn ember_pods_through_cri() {
         println!("[cri_ember] shim: {}", shim.display());
     }
     println!("[cri_ember] CRI runtime handler under test: {handler}");
-    let state_before = ember_state();
-    let ember_mounts_before: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
-        .into_iter()
-        .collect();
-    let netns_before: BTreeSet<String> = cni_netns().into_iter().collect();
     let ctrd = Containerd::start(opts).expect("containerd starts");
     let cri = Cri::for_containerd(&ctrd).expect("CRI client connects");
     let shared = ctrd.dir().join("volumes").join("shared");
@@ -1272,7 +1306,12 @@ fn ember_pods_through_cri() {
         let ip = s.cri.pod_ip(&pod.id)?;
         println!("[cri_ember]   pod IP {ip}");
         let ip: Ipv4Addr = ip.parse().with_context(|| format!("pod IP {ip:?}"))?;
-        ensure!(s.cni.contains(ip), "{ip} is not in {NET_SUBNET}/24");
+        ensure!(
+            s.cni.contains(ip),
+            "{ip} is not in {}/{}",
+            s.cni.subnet,
+            s.cni.prefix
+        );
         ensure!(
             s.cni.allocated().contains(&ip.to_string()),
             "host-local has no record of {ip}: {:?}",
@@ -1368,6 +1407,7 @@ fn ember_pods_through_cri() {
                 config: config.clone(),
                 log_dir: log_dir.clone(),
                 containers: BTreeMap::new(),
+                netns: None,
             };
             let mut cfg = busybox("big", 0, &pod, "echo started; sleep 1000");
             set_memory_limit(&mut cfg, mem);
@@ -1473,7 +1513,12 @@ fn ember_pods_through_cri() {
         let pod = s.net()?;
         let ip = s.cri.pod_ip(&pod.id)?;
         s.net = None;
-        remove_and_check(s, &pod, &netns_before)?;
+        ensure!(
+            pod.netns.as_deref().is_some_and(|p| p.contains("/netns/")),
+            "no network namespace recorded for the net pod: {:?}",
+            pod.netns
+        );
+        remove_and_check(s, &pod)?;
         let allocated = s.cni.allocated();
         ensure!(
             !allocated.contains(&ip),
@@ -1489,7 +1534,7 @@ fn ember_pods_through_cri() {
     s.case("work pod: removal leaves nothing behind", |s| {
         let pod = s.work()?;
         s.work = None;
-        remove_and_check(s, &pod, &netns_before)
+        remove_and_check(s, &pod)
     });
 
     s.case("teardown: no shims, no Ember state, no mounts", |s| {
@@ -1511,18 +1556,24 @@ fn ember_pods_through_cri() {
         if !shims.is_empty() {
             problems.push(format!("shim processes left: {shims:?}"));
         }
-        let new_state: Vec<_> = ember_state().difference(&state_before).cloned().collect();
-        if !new_state.is_empty() {
-            problems.push(format!("left in {EMBER_STATE_DIR}: {new_state:?}"));
-        }
-        let mounts: BTreeSet<String> = mounts_under(Path::new(EMBER_STATE_DIR))
-            .into_iter()
-            .collect();
-        let new_mounts: Vec<_> = mounts.difference(&ember_mounts_before).collect();
-        if !new_mounts.is_empty() {
-            problems.push(format!(
-                "mounts left under {EMBER_STATE_DIR}: {new_mounts:?}"
-            ));
+        let ids = our_sandbox_ids(s.ctrd);
+        println!(
+            "[cri_ember]   {} pod sandboxes were made in this run",
+            ids.len()
+        );
+        for id in &ids {
+            let dir = ember_pod_dir(id);
+            if dir.exists() {
+                problems.push(format!(
+                    "Ember state dir {} left: {:?}",
+                    dir.display(),
+                    dir_entries(&dir)
+                ));
+            }
+            let mounts = mounts_under(&dir);
+            if !mounts.is_empty() {
+                problems.push(format!("mounts left: {mounts:?}"));
+            }
         }
         let in_harness = mounts_under(s.ctrd.dir());
         if !in_harness.is_empty() {
@@ -1536,11 +1587,12 @@ fn ember_pods_through_cri() {
     let results = std::mem::take(&mut s.results);
     drop(s);
     let log_tail = ctrd.log_tail(80);
+    let our_ids = our_sandbox_ids(&ctrd);
     let report = ctrd.shutdown();
     // The harness killed leftover shims; what they left under the Ember
     // state dir (pod dirs, their virtio-fs share mounts) goes too, so the
     // next test on this machine starts clean. Already reported above.
-    clean_ember_leftovers(&state_before, &ember_mounts_before);
+    clean_ember_leftovers(&our_ids);
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     println!(
         "\n[cri_ember] ===== summary, handler {} ({:.1}s) =====",
