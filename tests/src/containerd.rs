@@ -9,7 +9,9 @@
 //! directory is put first on containerd's PATH, so `ctr run --runtime
 //! io.containerd.ember.v2` resolves to it as well. Once containerd answers,
 //! the test images (see [`crate::image`]) are imported into the `default`
-//! and `k8s.io` namespaces.
+//! and `k8s.io` namespaces. With [`Options::cni`], the CRI plugin's `[cni]`
+//! section points at a conf dir in the temp dir holding the given conflists
+//! (see [`crate::cri::CniNetwork`]); without it, the CRI defaults apply.
 //!
 //! `ctr` helpers run with the right `--address` and a timeout (a hung `ctr`
 //! is killed and reported). [`Containerd::shutdown`] (or Drop) stops

@@ -10,8 +10,9 @@
 //!   - `work`: host network; most cases (two containers sharing an emptyDir
 //!     and localhost, ExecSync, streaming Exec, logs, stats, OOM, restart,
 //!     bad container input);
-//!   - `net`: on a CNI bridge (10.88.77.0/24, bridge `ember-cni0`, private
-//!     to this machine), reached from the host by its IP;
+//!   - `net`: on a CNI bridge (`ember-cni0` on 10.88.77.0/24, or the next
+//!     free slot when another run holds it; private to this machine),
+//!     reached from the host by its IP;
 //!   - `huge`: asks for more memory and CPU than the host has (cheap: it
 //!     should be refused).
 //!
@@ -19,6 +20,9 @@
 //! registers both handlers), which is how the test's own expectations are
 //! validated. Skipped, loudly, only when the handler is `ember` and /dev/kvm
 //! or the guest kernel/initrd are missing.
+//!
+//! Other runs may share the machine: leak checks and cleanup look only at
+//! this run's pods (their sandbox ids, from this containerd's log).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
