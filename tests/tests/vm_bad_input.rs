@@ -28,7 +28,10 @@ async fn bad_configs_are_clear_errors_and_leave_nothing() {
 
     let mut c = vm_config(dir.path(), 3);
     let bogus = dir.path().join("bzImage");
-    std::fs::File::create(&bogus).unwrap().write_all(&[0x4d, 0x5a, 0, 0, 1, 2, 3]).unwrap();
+    std::fs::File::create(&bogus)
+        .unwrap()
+        .write_all(&[0x4d, 0x5a, 0, 0, 1, 2, 3])
+        .unwrap();
     c.kernel = bogus;
     let e = start_err(c).await;
     assert!(e.contains("not a loadable x86_64 ELF"), "{e}");
@@ -47,7 +50,10 @@ async fn bad_configs_are_clear_errors_and_leave_nothing() {
     let mut c = vm_config(dir.path(), 3);
     c.mem_mib = 64;
     let big = dir.path().join("big-initrd");
-    std::fs::File::create(&big).unwrap().set_len(60 << 20).unwrap();
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(60 << 20)
+        .unwrap();
     c.initrd = Some(big);
     let e = start_err(c).await;
     assert!(e.contains("memory too small"), "{e}");
@@ -73,5 +79,8 @@ async fn bad_configs_are_clear_errors_and_leave_nothing() {
     let after = ProcessResources::snapshot();
     assert_eq!(after.vmm_threads, before.vmm_threads);
     assert_eq!(after.guest_mappings, 0);
-    assert_eq!(after.open_fds, before.open_fds, "fds leaked by failed builds");
+    assert_eq!(
+        after.open_fds, before.open_fds,
+        "fds leaked by failed builds"
+    );
 }

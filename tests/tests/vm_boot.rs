@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use ember_e2e::{init_tracing, print_phases, vm_config, wait_for_agent, ProcessResources, AGENT_PORT};
+use ember_e2e::{
+    init_tracing, print_phases, vm_config, wait_for_agent, ProcessResources, AGENT_PORT,
+};
 use ember_proto::agent::{ShutdownRequest, VersionRequest};
 use ember_proto::client;
 use ember_vmm::devices::virtio::vsock::connect_hybrid_timeout;
@@ -20,11 +22,14 @@ async fn guest_boots_and_agent_answers_over_vsock() {
     let before = ProcessResources::snapshot();
 
     let t0 = Instant::now();
-    let vm = Vm::start(vm_config(dir.path(), 3)).await.expect("VM starts");
+    let vm = Vm::start(vm_config(dir.path(), 3))
+        .await
+        .expect("VM starts");
     let agent = match wait_for_agent(&vm, BOOT_DEADLINE).await {
         Ok(a) => a,
         Err(e) => {
-            let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+            let console =
+                std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
             panic!("{e}\n--- guest console ---\n{console}");
         }
     };
@@ -32,7 +37,12 @@ async fn guest_boots_and_agent_answers_over_vsock() {
     print_phases("vm_boot", &vm, Some(agent_ready));
     let during = ProcessResources::snapshot();
     assert!(
-        during.vmm_threads.iter().filter(|t| t.starts_with("ember-vcpu")).count() == 2,
+        during
+            .vmm_threads
+            .iter()
+            .filter(|t| t.starts_with("ember-vcpu"))
+            .count()
+            == 2,
         "two vCPU threads while running: {:?}",
         during.vmm_threads
     );
@@ -40,7 +50,10 @@ async fn guest_boots_and_agent_answers_over_vsock() {
 
     // Version: the agent we built, on the kernel we built.
     let version = agent
-        .version(client::context(Duration::from_secs(30)), &VersionRequest::new())
+        .version(
+            client::context(Duration::from_secs(30)),
+            &VersionRequest::new(),
+        )
         .await
         .expect("Version answers");
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
@@ -67,7 +80,10 @@ async fn guest_boots_and_agent_answers_over_vsock() {
     // Shutdown: the agent answers, then the guest resets and the VM ends.
     let t_shutdown = Instant::now();
     agent
-        .shutdown(client::context(Duration::from_secs(30)), &ShutdownRequest::new())
+        .shutdown(
+            client::context(Duration::from_secs(30)),
+            &ShutdownRequest::new(),
+        )
         .await
         .expect("Shutdown answers");
     drop(agent);
@@ -77,7 +93,10 @@ async fn guest_boots_and_agent_answers_over_vsock() {
     assert_eq!(reason, ExitReason::GuestReset);
     let reason = vm.shutdown().await;
     assert_eq!(reason, ExitReason::GuestReset);
-    println!("[vm_boot] shutdown={:.3}s", t_shutdown.elapsed().as_secs_f64());
+    println!(
+        "[vm_boot] shutdown={:.3}s",
+        t_shutdown.elapsed().as_secs_f64()
+    );
 
     // Nothing left: no VMM thread, no fd, no guest memory mapping, no socket.
     let after = ProcessResources::snapshot();

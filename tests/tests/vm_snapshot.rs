@@ -23,10 +23,17 @@ async fn restored_vms_answer_independently_and_bad_snapshots_are_refused() {
     let tdir = dir.path().join("template");
     std::fs::create_dir_all(&tdir).unwrap();
     let t0 = Instant::now();
-    let vm = Vm::start(vm_config(&tdir, 3)).await.expect("template VM starts");
+    let vm = Vm::start(vm_config(&tdir, 3))
+        .await
+        .expect("template VM starts");
     let agent = wait_for_agent(&vm, Duration::from_secs(600))
         .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(tdir.join("console.log")).unwrap_or_default()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}",
+                std::fs::read_to_string(tdir.join("console.log")).unwrap_or_default()
+            )
+        });
     let cold = t0.elapsed();
     print_phases("snapshot/cold-boot", &vm, Some(cold));
     drop(agent);
@@ -49,7 +56,12 @@ async fn restored_vms_answer_independently_and_bad_snapshots_are_refused() {
             .expect("restore");
         let agent = wait_for_agent(&vm, Duration::from_secs(120))
             .await
-            .unwrap_or_else(|e| panic!("restored VM {i}: {e}\n{}", std::fs::read_to_string(rdir.join("console.log")).unwrap_or_default()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "restored VM {i}: {e}\n{}",
+                    std::fs::read_to_string(rdir.join("console.log")).unwrap_or_default()
+                )
+            });
         let ready = t.elapsed();
         println!(
             "[snapshot] restored VM {i}: agent ready {:.3}s after restore (cold boot {:.3}s)",
@@ -60,15 +72,26 @@ async fn restored_vms_answer_independently_and_bad_snapshots_are_refused() {
     }
     for (i, (vm, agent, _)) in vms.iter().enumerate() {
         let v = agent
-            .version(client::context(Duration::from_secs(30)), &VersionRequest::new())
+            .version(
+                client::context(Duration::from_secs(30)),
+                &VersionRequest::new(),
+            )
             .await
             .unwrap_or_else(|e| panic!("restored VM {i} Version: {e}"));
         assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
         let (size, touched) = vm.guest_memory_usage().unwrap();
-        println!("[snapshot] restored VM {i}: guest memory {} MiB, privately written {} KiB", size >> 20, touched >> 10);
+        println!(
+            "[snapshot] restored VM {i}: guest memory {} MiB, privately written {} KiB",
+            size >> 20,
+            touched >> 10
+        );
     }
     let (vmm_rss, shmem) = process_rss();
-    println!("[snapshot] process RSS without guest memory {} MiB, shared {} MiB", vmm_rss >> 20, shmem >> 20);
+    println!(
+        "[snapshot] process RSS without guest memory {} MiB, shared {} MiB",
+        vmm_rss >> 20,
+        shmem >> 20
+    );
 
     // A restore with another identity is refused.
     let rdir = dir.path().join("foreign");
@@ -92,7 +115,10 @@ async fn restored_vms_answer_independently_and_bad_snapshots_are_refused() {
 
     for (vm, agent, _) in vms {
         let _ = agent
-            .shutdown(client::context(Duration::from_secs(30)), &ShutdownRequest::new())
+            .shutdown(
+                client::context(Duration::from_secs(30)),
+                &ShutdownRequest::new(),
+            )
             .await;
         drop(agent);
         let _ = tokio::time::timeout(Duration::from_secs(60), vm.wait()).await;

@@ -140,5 +140,5 @@ pub struct NetStats {
     pub worker_wakeups: u64,
 }
 
-pub(crate) use super::log_limit::LogLimiter;
 pub(crate) use super::log_limit::warn_rl as net_warn_rl;
+pub(crate) use super::log_limit::LogLimiter;
