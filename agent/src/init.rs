@@ -107,6 +107,7 @@ pub async fn serve(mode: Mode) -> anyhow::Result<()> {
     if mode == Mode::Init {
         // The per-VM virtio-fs share (best effort: absent in some setups).
         crate::sandbox::mount_shared(&config.containers.shared_dir);
+        crate::sandbox::loopback_up();
     }
     let (service, mut shutdown) = AgentService::new(config, reaper);
     let (listener, marker) = match &mode {

@@ -96,6 +96,47 @@ pub fn mount(m: &Mount, target: &Path, shared_dir: &Path) -> ttrpc::Result<()> {
 }
 
 /// Mount the per-VM virtio-fs share at `dir` (best effort, at boot).
+/// Brings the loopback interface up. Containers that keep the guest's root
+/// network namespace (every container of a pod) expect 127.0.0.1 to work,
+/// as it does in a pod's network namespace on a node. Best effort: logged.
+pub fn loopback_up() {
+    match set_interface_up("lo") {
+        Ok(()) => tracing::info!("loopback interface up"),
+        Err(e) => tracing::warn!("bringing up the loopback interface: {e}"),
+    }
+}
+
+fn set_interface_up(name: &str) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the fd is checked and then owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the named interface's flags into `req`,
+    // which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `req` (name and flags) only.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn mount_shared(dir: &Path) {
     let mut m = Mount::new();
     m.fstype = "virtiofs".into();
@@ -173,6 +214,46 @@ pub fn resolv_conf(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_up(name: &str) -> bool {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: as in set_interface_up.
+        let sock =
+            unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0)) };
+        // SAFETY: plain data.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        // SAFETY: reads flags into req.
+        assert!(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } >= 0);
+        // SAFETY: filled by SIOCGIFFLAGS.
+        unsafe { req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 }
+    }
+
+    #[test]
+    fn loopback_comes_up_in_a_fresh_network_namespace() {
+        // A new network namespace starts with lo down, like a fresh guest.
+        let res = std::thread::spawn(|| {
+            // SAFETY: unshare affects only this short-lived thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return None; // not root / no namespaces: nothing to check
+            }
+            let before = is_up("lo");
+            set_interface_up("lo").unwrap();
+            Some((before, is_up("lo")))
+        })
+        .join()
+        .unwrap();
+        if let Some((before, after)) = res {
+            assert!(!before, "lo starts down in a new netns");
+            assert!(after, "lo is up afterwards");
+        } else {
+            eprintln!("SKIPPED: cannot create a network namespace here");
+        }
+        assert!(set_interface_up("no-such-if0").is_err());
+        assert!(set_interface_up("a-name-much-too-long-for-ifreq").is_err());
+    }
 
     #[test]
     fn dns_and_hostname() {
