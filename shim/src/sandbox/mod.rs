@@ -46,6 +46,10 @@ use self::monitor::{DeathSignal, VmHandle};
 use self::oom::{OomTracker, OOM_GRACE};
 use self::paths::SandboxPaths;
 use self::process::{Exit, Process, Status, UNKNOWN_EXIT_STATUS};
+
+/// Exit status recorded for an exec whose start failed (the shell's
+/// "command could not be run").
+const EXEC_START_FAILED_STATUS: u32 = 127;
 use crate::annotations;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -548,7 +552,20 @@ impl Sandbox {
             req.exec_id = exec_id.to_string();
             req.process = p.spec.clone().unwrap_or_default();
             req.stdio = MessageField::some(p.stdio.request());
-            let resp = self.agent.exec_process(&req).await?;
+            let resp = match self.agent.exec_process(&req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    // An exec that never started has ended as far as
+                    // containerd is concerned: its Wait and Delete must
+                    // return at once (runc's shim closes its wait block
+                    // the same way). 127: the command could not be run.
+                    p.record_exit(Exit {
+                        status: EXEC_START_FAILED_STATUS,
+                        at: SystemTime::now(),
+                    });
+                    return Err(e);
+                }
+            };
             p.set_pid(resp.pid);
             let io = ProcessIo::connect(
                 &self.paths.vsock,

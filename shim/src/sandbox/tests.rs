@@ -355,6 +355,27 @@ fn code<T>(r: Result<T>) -> Code {
     }
 }
 
+#[tokio::test]
+async fn an_exec_that_fails_to_start_is_waitable_and_deletable_at_once() {
+    let Some(h) = harness().await else { return };
+    let sb = &h.sandbox;
+    sb.create_container(h.bundle("c9", &["sleep", "1000"]))
+        .await
+        .unwrap();
+    sb.start("c9", "").await.unwrap();
+    // The mock agent refuses a process that is not JSON, as the real one
+    // refuses a missing command.
+    sb.add_exec("c9", "bad", StdioPaths::default(), b"not json".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(code(sb.start("c9", "bad").await), Code::INVALID_ARGUMENT);
+    let x = sb.process("c9", "bad").unwrap();
+    assert_eq!(wait_exit(&x).await.status, 127);
+    assert_eq!(sb.delete_exec("c9", "bad").unwrap().1.status, 127);
+    sb.kill("c9", "", 9, false).await.unwrap();
+    sb.delete_container("c9").await.unwrap();
+}
+
 async fn wait_exit(p: &Process) -> Exit {
     tokio::time::timeout(Duration::from_secs(10), p.wait())
         .await
