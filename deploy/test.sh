@@ -19,4 +19,27 @@ export EMBER_INITRD="${EMBER_INITRD:-/var/lib/ember/initrd.img}"
 #   cargo test -p ember-e2e --test cri_ember -- --nocapture
 # Cargo runs one test binary at a time: the end-to-end tests boot VMs that
 # each want the CPU to themselves on small machines.
-cargo test --workspace --no-fail-fast -- --test-threads=2 --skip cri_ember_pods "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads=2 --skip cri_ember_pods "$@" 2>&1 | tee "$log" || status=$?
+[ "$status" = 0 ] && exit 0
+
+# On hosts without VT-x (emulated CPU template) guest processes die with
+# SIGSEGV now and then (README, "Status and known issues"). A failed
+# end-to-end VM test is run once more, loudly; anything else fails at once.
+mapfile -t failed < <(sed -n 's/^    `\(-p [^`]*\)`$/\1/p' "$log")
+retry=()
+for target in "${failed[@]}"; do
+    case "$target" in
+        "-p ember-e2e --test ctr_ember"|"-p ember-e2e --test vm_boot"|"-p ember-e2e --test vm_snapshot")
+            retry+=("$target") ;;
+        *) echo "test.sh: $target failed"; exit "$status" ;;
+    esac
+done
+[ "${#retry[@]}" -gt 0 ] || exit "$status"
+for target in "${retry[@]}"; do
+    echo "test.sh: RETRY once: $target (see the failure above)"
+    # shellcheck disable=SC2086 # target is "-p crate --test name"
+    cargo test $target -- --test-threads=2 "$@"
+done
