@@ -13,6 +13,7 @@ pub mod mmio;
 pub mod net;
 #[cfg(test)]
 pub(crate) mod test_utils;
+mod used_ring;
 pub mod vsock;
 
 use std::sync::Arc;

@@ -46,9 +46,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::super::{
-    ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_NET, VIRTIO_MMIO_INT_VRING,
-};
+use super::super::used_ring::{add_used, notify_used};
+use super::super::{ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_NET};
 use super::tap::{NetBackend, Tap};
 use super::{
     format_mac, net_warn_rl, LogLimiter, NetError, NetStats, Stats, MAX_FRAME_LEN, MIN_FRAME_LEN,
@@ -760,7 +759,14 @@ impl Worker {
                 Ok(()) => {
                     self.rx_pending = None;
                     // len <= VNET_HDR_LEN + MAX_FRAME_LEN fits in u32.
-                    used |= add_used(&mut self.queues[RXQ], mem, head, len as u32, &mut self.log);
+                    used |= add_used(
+                        &mut self.queues[RXQ],
+                        mem,
+                        head,
+                        len as u32,
+                        &mut self.log,
+                        "net",
+                    );
                     Stats::inc(&self.stats.rx_frames);
                     Stats::add(&self.stats.rx_bytes, len - VNET_HDR_LEN);
                 }
@@ -778,7 +784,7 @@ impl Worker {
                 Err(e) => {
                     net_warn_rl!(self.log, "net: bad RX chain {head}: {e}");
                     Stats::inc(&self.stats.rx_bad_chains);
-                    used |= add_used(&mut self.queues[RXQ], mem, head, 0, &mut self.log);
+                    used |= add_used(&mut self.queues[RXQ], mem, head, 0, &mut self.log, "net");
                 }
             }
         }
@@ -831,38 +837,19 @@ impl Worker {
                     Stats::inc(&self.stats.tx_bad_chains);
                 }
             }
-            used |= add_used(&mut self.queues[TXQ], mem, head, 0, &mut self.log);
+            used |= add_used(&mut self.queues[TXQ], mem, head, 0, &mut self.log, "net");
         }
         used
     }
 
     fn signal(&mut self, notify: [bool; NUM_QUEUES]) {
-        let mut raise = false;
-        for (q, n) in self.queues.iter_mut().zip(notify) {
-            if n {
-                raise |= q.needs_notification(&self.mem).unwrap_or(true);
-            }
-        }
-        if raise {
-            if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
-                net_warn_rl!(self.log, "net: cannot interrupt the guest: {e}");
-            }
-        }
-    }
-}
-
-fn add_used<M: GuestMemory>(
-    q: &mut Queue,
-    mem: &M,
-    head: u16,
-    len: u32,
-    log: &mut LogLimiter,
-) -> bool {
-    match q.add_used(mem, head, len) {
-        Ok(()) => true,
-        Err(e) => {
-            net_warn_rl!(log, "net: cannot return chain {head}: {e}");
-            false
-        }
+        notify_used(
+            &mut self.queues,
+            &notify,
+            &self.mem,
+            self.interrupt.as_ref(),
+            &mut self.log,
+            "net",
+        );
     }
 }

@@ -20,14 +20,12 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::super::{
-    ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_VSOCK,
-    VIRTIO_MMIO_INT_VRING,
-};
+use super::super::used_ring::{add_used, notify_used};
+use super::super::{ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_VSOCK};
 use super::muxer::Muxer;
 use super::packet::{self, RxBuffer, EVENT_TRANSPORT_RESET, MAX_PKT_DATA};
 use super::unix::HostListener;
@@ -508,12 +506,12 @@ impl Worker {
                 Ok(b) if b.capacity() > 0 => b,
                 Ok(_) => {
                     warn_rl!(self.log, "vsock: RX chain without room for data");
-                    used |= add_used(&mut self.queues[RXQ], mem, head, 0, &mut self.log);
+                    used |= add_used(&mut self.queues[RXQ], mem, head, 0, &mut self.log, "vsock");
                     continue;
                 }
                 Err(e) => {
                     warn_rl!(self.log, "vsock: dropping a bad RX chain: {e}");
-                    used |= add_used(&mut self.queues[RXQ], mem, head, 0, &mut self.log);
+                    used |= add_used(&mut self.queues[RXQ], mem, head, 0, &mut self.log, "vsock");
                     continue;
                 }
             };
@@ -530,7 +528,14 @@ impl Worker {
                     0
                 }
             };
-            used |= add_used(&mut self.queues[RXQ], mem, head, len, &mut self.log);
+            used |= add_used(
+                &mut self.queues[RXQ],
+                mem,
+                head,
+                len,
+                &mut self.log,
+                "vsock",
+            );
         }
         used
     }
@@ -562,38 +567,20 @@ impl Worker {
                 head,
                 if written { 4 } else { 0 },
                 &mut self.log,
+                "vsock",
             );
         }
         used
     }
 
     fn signal(&mut self, notify: [bool; NUM_QUEUES]) {
-        let mut raise = false;
-        for (q, n) in self.queues.iter_mut().zip(notify) {
-            if n {
-                raise |= q.needs_notification(&self.mem).unwrap_or(true);
-            }
-        }
-        if raise {
-            if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
-                warn_rl!(self.log, "vsock: cannot interrupt the guest: {e}");
-            }
-        }
-    }
-}
-
-fn add_used<M: GuestMemory>(
-    q: &mut Queue,
-    mem: &M,
-    head: u16,
-    len: u32,
-    log: &mut LogLimiter,
-) -> bool {
-    match q.add_used(mem, head, len) {
-        Ok(()) => true,
-        Err(e) => {
-            warn_rl!(log, "vsock: cannot return a chain: {e}");
-            false
-        }
+        notify_used(
+            &mut self.queues,
+            &notify,
+            &self.mem,
+            self.interrupt.as_ref(),
+            &mut self.log,
+            "vsock",
+        );
     }
 }
