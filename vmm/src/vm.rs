@@ -325,11 +325,14 @@ impl Vm {
             virtio.push(dev);
         }
         for share in &config.fs_shares {
-            let dev = VirtioFs::new(&share.tag, share.shared_dir.clone(), FsOptions::default())
+            let mut dev = VirtioFs::new(&share.tag, share.shared_dir.clone(), FsOptions::default())
                 .map_err(|source| VmError::Fs {
                     tag: share.tag.clone(),
                     source,
                 })?;
+            if let Origin::Restore(..) = origin {
+                dev.mark_restored();
+            }
             virtio.push(Arc::new(Mutex::new(dev)));
         }
         for nic in &config.net {

@@ -124,6 +124,8 @@ pub struct VirtioFs {
     acked_features: u64,
     queue_sizes: [u16; NUM_QUEUES],
     worker: Option<WorkerHandle>,
+    /// The next activation restores a snapshot (see [`Self::mark_restored`]).
+    restored: bool,
 }
 
 impl std::fmt::Debug for VirtioFs {
@@ -193,6 +195,7 @@ impl VirtioFs {
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
             worker: None,
+            restored: false,
         })
     }
 
@@ -209,6 +212,14 @@ impl VirtioFs {
     /// The options the device was created with.
     pub fn options(&self) -> &FsOptions {
         &self.opts
+    }
+
+    /// The device is about to be activated from a snapshot: the guest
+    /// mounted the share (sent FUSE_INIT) before the snapshot and will not
+    /// do it again, so the next activation imports the root inode itself.
+    /// Later activations (after a driver reset) wait for FUSE_INIT again.
+    pub fn mark_restored(&mut self) {
+        self.restored = true;
     }
 
     /// Whether a worker thread is running.
@@ -350,6 +361,7 @@ impl VirtioDevice for VirtioFs {
             stop: stop.clone(),
             epoll,
             handler: RequestHandler::new(self.tag.clone(), fs, self.opts.read_only),
+            import_root: std::mem::take(&mut self.restored),
         };
 
         // The worker reports whether it could isolate its umask before it
@@ -362,7 +374,7 @@ impl VirtioDevice for VirtioFs {
 
         let started = match ready_rx.recv() {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("worker cannot isolate its fs state: {e}")),
+            Ok(Err(e)) => Err(format!("worker cannot start: {e}")),
             Err(_) => Err("worker exited before starting".to_string()),
         };
         if let Err(why) = started {

@@ -850,6 +850,33 @@ fn reset_drops_the_backend_state_and_reactivates() {
 }
 
 #[test]
+fn a_restored_device_serves_the_root_without_fuse_init() {
+    let (_tmp, share) = share();
+    let umask_before = process_umask();
+    let mut g = Guest::start(&share, FsOptions::default());
+    // Without FUSE_INIT a fresh backend knows no root inode.
+    assert_eq!(g.lookup(ROOT_ID, "hello.txt").unwrap_err(), libc::EBADF);
+
+    // As after a snapshot restore: the guest mounted the share long ago.
+    assert!(g.dev.reset());
+    g.dev.mark_restored();
+    g.activate();
+    let e = g.lookup(ROOT_ID, "hello.txt").unwrap();
+    assert_eq!(g.getattr(e.nodeid).unwrap().attr.size, 20);
+    assert_eq!(
+        process_umask(),
+        umask_before,
+        "the import ran on the worker"
+    );
+
+    // Only the activation right after the restore imports by itself.
+    assert!(g.dev.reset());
+    g.activate();
+    assert_eq!(g.lookup(ROOT_ID, "hello.txt").unwrap_err(), libc::EBADF);
+    g.dev.shutdown();
+}
+
+#[test]
 fn shutdown_joins_the_worker_and_is_idempotent() {
     let (_tmp, share) = share();
     let mut g = Guest::start(&share, FsOptions::default());

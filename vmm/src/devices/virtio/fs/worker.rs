@@ -65,6 +65,9 @@ pub(super) struct Worker {
     pub(super) stop: Arc<AtomicBool>,
     pub(super) epoll: Epoll,
     pub(super) handler: RequestHandler,
+    /// Import the root before serving (the device was restored from a
+    /// snapshot: the guest will not send FUSE_INIT).
+    pub(super) import_root: bool,
 }
 
 impl Worker {
@@ -82,6 +85,14 @@ impl Worker {
             tracing::error!(tag = %self.tag, "virtio-fs: unshare(CLONE_FS) failed: {e}");
             let _ = ready.send(Err(e));
             return;
+        }
+        if self.import_root {
+            if let Err(e) = self.handler.import_root() {
+                tracing::error!(tag = %self.tag, "virtio-fs: importing the shared directory after a restore: {e}");
+                let _ = ready.send(Err(e));
+                return;
+            }
+            tracing::debug!(tag = %self.tag, "virtio-fs: root imported (restored device)");
         }
         if ready.send(Ok(())).is_err() {
             return;
@@ -288,7 +299,10 @@ fn errno_of(e: &fuse_backend_rs::Error) -> i32 {
 /// passthrough file system with all its descriptors).
 pub(super) struct RequestHandler {
     tag: String,
-    server: Server<PassthroughFs<()>>,
+    /// The backend, also held by `server`: a restored device imports its
+    /// root without a FUSE_INIT.
+    fs: Arc<PassthroughFs<()>>,
+    server: Server<Arc<PassthroughFs<()>>>,
     read_only: bool,
     /// Set when the library panicked: its state may be inconsistent, so
     /// every later request gets `EIO` until the driver resets the device.
@@ -298,13 +312,23 @@ pub(super) struct RequestHandler {
 
 impl RequestHandler {
     pub(super) fn new(tag: String, fs: PassthroughFs<()>, read_only: bool) -> Self {
+        let fs = Arc::new(fs);
         Self {
             tag,
-            server: Server::new(fs),
+            server: Server::new(fs.clone()),
+            fs,
             read_only,
             poisoned: false,
             warn_budget: WARN_BUDGET,
         }
+    }
+
+    /// Makes the shared directory the root inode, as FUSE_INIT does. A
+    /// device restored from a snapshot serves a guest that sent FUSE_INIT
+    /// to the VM the snapshot was taken from, never to this backend. Sets
+    /// the calling thread's umask to 0 (call it on the worker thread).
+    pub(super) fn import_root(&self) -> io::Result<()> {
+        self.fs.import()
     }
 
     fn guest_warn(&mut self, args: fmt::Arguments<'_>) {
