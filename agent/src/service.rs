@@ -193,27 +193,42 @@ pub fn kernel_release() -> &'static str {
 const MAX_SEED_BYTES: usize = 4096;
 
 /// Writes `data` into the kernel's pool: credited with RNDADDENTROPY (one
-/// ioctl), or only mixed in by writing /dev/urandom.
+/// ioctl), or only mixed in by writing /dev/urandom; then forces a CRNG
+/// reseed (RNDRESEEDCRNG). Without the reseed the kernel keeps generating
+/// from its current key for up to a minute, so two guests restored from
+/// one template would hand out the same /dev/urandom bytes.
 fn add_entropy(data: &[u8], credit: bool) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::fd::AsRawFd;
+    /// _IOW('R', 0x03, int[2]).
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    /// _IO('R', 0x07).
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
     let mut urandom = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/urandom")?;
-    if !credit {
-        return urandom.write_all(data);
+    if credit {
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + data.len());
+        info.extend_from_slice(&((data.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(data.len() as i32).to_ne_bytes());
+        info.extend_from_slice(data);
+        // SAFETY: `info` is a complete rand_pool_info (header then buf_size
+        // bytes) that outlives the call; the fd is open for writing.
+        let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    } else {
+        urandom.write_all(data)?;
     }
-    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-    let mut info = Vec::with_capacity(8 + data.len());
-    info.extend_from_slice(&((data.len() * 8) as i32).to_ne_bytes());
-    info.extend_from_slice(&(data.len() as i32).to_ne_bytes());
-    info.extend_from_slice(data);
-    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-    use std::os::fd::AsRawFd;
-    // SAFETY: `info` is a complete rand_pool_info (header then buf_size
-    // bytes) that outlives the call; the fd is open for writing.
-    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    // SAFETY: RNDRESEEDCRNG takes no argument; the fd is open.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG, 0) };
     if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(std::io::Error::other(format!(
+            "RNDRESEEDCRNG: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     Ok(())
 }
