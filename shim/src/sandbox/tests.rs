@@ -627,3 +627,67 @@ fn vm_config_of_a_pod() {
     assert_eq!(vm.initrd, Some(config.initrd.clone()));
     vm.validate().unwrap();
 }
+
+/// kubelet's deadline passes during a slow boot and containerd, giving up
+/// on the create, sends Delete for its id: the create undoes itself once
+/// the boot ends, the VM goes, and the shim exits. A Shutdown during the
+/// boot answers at once instead of waiting for it.
+#[tokio::test]
+async fn a_create_abandoned_during_the_boot_is_undone_and_the_shim_exits() {
+    use crate::resources::sizing::VmSize;
+    use crate::task::pod::Pod;
+    use containerd_shim::ExitSignal;
+
+    let Some(h) = harness().await else { return };
+    let boot_done = Arc::new(tokio::sync::Notify::new());
+    let exit = Arc::new(ExitSignal::default());
+    let (sandbox, release) = (h.sandbox.clone(), boot_done.clone());
+    let pod = Arc::new(Pod::with_launcher(
+        "ns",
+        "pod",
+        Arc::new(Config::default()),
+        EventSink::disabled(),
+        exit.clone(),
+        Box::new(move |_, _, _| {
+            let (sandbox, release) = (sandbox.clone(), release.clone());
+            Box::pin(async move {
+                release.notified().await;
+                Ok(sandbox)
+            })
+        }),
+    ));
+    let setup = SandboxSetup {
+        namespace: "ns".into(),
+        id: "pod".into(),
+        size: VmSize {
+            vcpus: 1,
+            mem_mib: 128,
+        },
+        kernel_params: None,
+    };
+    let (p, new) = (pod.clone(), h.bundle("c1", &["sleep", "1000"]));
+    let create = tokio::spawn(async move { p.create(new, setup).await });
+    while !pod.is_being_created("c1") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let idle = tokio::time::timeout(Duration::from_secs(2), pod.teardown_if_unused())
+        .await
+        .expect("Shutdown does not wait for a boot in progress");
+    assert!(!idle, "a create in flight keeps the pod");
+    assert!(!pod.abandon("c2"), "no create of c2 in progress");
+    assert!(pod.abandon("c1"));
+
+    boot_done.notify_one();
+    let r = tokio::time::timeout(Duration::from_secs(20), create)
+        .await
+        .expect("the create ends once the boot does")
+        .unwrap();
+    assert_eq!(code(r), Code::FAILED_PRECONDITION);
+    assert!(!h.sandbox.has_container("c1"));
+    assert!(pod.sandbox().is_none(), "the VM is torn down");
+    assert!(!pod.is_being_created("c1"));
+    tokio::time::timeout(Duration::from_secs(5), exit.wait())
+        .await
+        .expect("the shim exits");
+}

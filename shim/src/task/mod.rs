@@ -51,7 +51,7 @@ impl TaskService {
         exit: Arc<ExitSignal>,
     ) -> Self {
         TaskService {
-            pod: Arc::new(Pod::new(namespace, pod_id, config, events)),
+            pod: Arc::new(Pod::new(namespace, pod_id, config, events, exit.clone())),
             exit,
         }
     }
@@ -151,6 +151,15 @@ impl TaskService {
     }
 
     async fn do_delete(&self, req: &DeleteRequest) -> Result<DeleteResponse> {
+        // containerd deletes an id whose create it gave up on (its caller's
+        // deadline passed during a VM boot): that create undoes itself.
+        if req.exec_id.is_empty() && self.pod.abandon(&req.id) {
+            tracing::warn!(container = %req.id, "Delete during its create: the create is abandoned and will be undone");
+            return Err(Error::not_found(format!(
+                "container {} is still being created; its create is now abandoned",
+                req.id
+            )));
+        }
         let sb = self.pod.find(&req.id)?;
         let (pid, exit) = if req.exec_id.is_empty() {
             let sb2 = sb.clone();

@@ -5,6 +5,14 @@
 //! while the previous VM is being torn down waits and boots a fresh one.
 //! Ids being created are reserved first, so a concurrent delete of the last
 //! other container does not tear the VM down under a create.
+//!
+//! A create can outlive its caller: kubelet gives RunPodSandbox two
+//! minutes, a VM boot on a slow host may take longer, and containerd then
+//! gives up. Its cleanup sends Delete for the id being created (then
+//! Shutdown). Such a create is *abandoned*: it finishes the step it is in,
+//! undoes what it made (the container, the VM if nothing else uses it) and
+//! fails; if that leaves the pod empty, the shim exits, as the Shutdown
+//! containerd already sent asked.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -14,6 +22,19 @@ use crate::error::{Error, Result};
 use crate::events::EventSink;
 use crate::sandbox::container::Container;
 use crate::sandbox::{NewContainer, Sandbox, SandboxSetup};
+use containerd_shim::ExitSignal;
+use futures::future::BoxFuture;
+
+/// Boots a pod's sandbox: [`Sandbox::launch`], or a stand-in in tests.
+pub type Launcher = Box<
+    dyn Fn(Arc<Config>, EventSink, SandboxSetup) -> BoxFuture<'static, Result<Arc<Sandbox>>>
+        + Send
+        + Sync,
+>;
+
+fn launch_vm() -> Launcher {
+    Box::new(|config, events, setup| Box::pin(Sandbox::launch(config, events, setup)))
+}
 
 pub struct Pod {
     pub namespace: String,
@@ -22,12 +43,16 @@ pub struct Pod {
     events: EventSink,
     slot: Mutex<Slot>,
     lifecycle: tokio::sync::Mutex<()>,
+    exit: Arc<ExitSignal>,
+    launch: Launcher,
 }
 
 #[derive(Default)]
 struct Slot {
     sandbox: Option<Arc<Sandbox>>,
     reserved: HashSet<String>,
+    /// Reserved ids whose caller gave up (see the module docs).
+    abandoned: HashSet<String>,
 }
 
 /// Releases a reserved id when the create ends, however it ends.
@@ -38,12 +63,33 @@ struct Reservation<'a> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.pod.slot().reserved.remove(&self.id);
+        let mut slot = self.pod.slot();
+        slot.reserved.remove(&self.id);
+        slot.abandoned.remove(&self.id);
     }
 }
 
 impl Pod {
-    pub fn new(namespace: &str, id: &str, config: Arc<Config>, events: EventSink) -> Self {
+    /// `exit` ends the shim; the pod fires it itself only after undoing
+    /// an abandoned create (otherwise the task service's Shutdown does).
+    pub fn new(
+        namespace: &str,
+        id: &str,
+        config: Arc<Config>,
+        events: EventSink,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self::with_launcher(namespace, id, config, events, exit, launch_vm())
+    }
+
+    pub fn with_launcher(
+        namespace: &str,
+        id: &str,
+        config: Arc<Config>,
+        events: EventSink,
+        exit: Arc<ExitSignal>,
+        launch: Launcher,
+    ) -> Self {
         Pod {
             namespace: namespace.to_string(),
             id: id.to_string(),
@@ -51,6 +97,8 @@ impl Pod {
             events,
             slot: Mutex::new(Slot::default()),
             lifecycle: tokio::sync::Mutex::new(()),
+            exit,
+            launch,
         }
     }
 
@@ -97,24 +145,66 @@ impl Pod {
         })
     }
 
+    /// Whether container `id` is being created right now.
+    pub fn is_being_created(&self, id: &str) -> bool {
+        self.slot().reserved.contains(id)
+    }
+
+    /// Marks the create of `id` as abandoned by its caller; `false` if no
+    /// create of `id` is in progress.
+    pub fn abandon(&self, id: &str) -> bool {
+        let mut slot = self.slot();
+        if !slot.reserved.contains(id) {
+            return false;
+        }
+        slot.abandoned.insert(id.to_string());
+        true
+    }
+
+    fn is_abandoned(&self, id: &str) -> bool {
+        self.slot().abandoned.contains(id)
+    }
+
+    fn abandoned_error(id: &str) -> Error {
+        Error::precondition(format!(
+            "the create of {id} was abandoned by containerd (its caller gave up) and has been undone"
+        ))
+    }
+
     /// Creates a container, booting the pod's VM first if needed (sized
     /// by `setup`). If the create fails and the pod has nothing else, the
-    /// VM goes again.
+    /// VM goes again; if it was abandoned and the pod is now empty, the
+    /// shim exits.
     pub async fn create(
         &self,
         new: NewContainer,
         setup: SandboxSetup,
     ) -> Result<(Arc<Sandbox>, Arc<Container>)> {
-        let reservation = self.reserve(&new.id)?;
+        let id = new.id.clone();
+        let reservation = self.reserve(&id)?;
         let result = async {
             let sb = self.ensure_sandbox(setup).await?;
+            if self.is_abandoned(&id) {
+                return Err(Self::abandoned_error(&id));
+            }
             let c = sb.create_container(new).await?;
+            if self.is_abandoned(&id) {
+                if let Err(e) = sb.delete_container(&id).await {
+                    tracing::warn!(container = %id, "undoing an abandoned create: {e}");
+                }
+                return Err(Self::abandoned_error(&id));
+            }
             Ok((sb, c))
         }
         .await;
+        let abandoned = self.is_abandoned(&id);
         drop(reservation);
         if result.is_err() {
-            self.teardown_if_unused().await;
+            let empty = self.teardown_if_unused().await;
+            if abandoned && empty {
+                tracing::info!(container = %id, "abandoned create undone; nothing left, the shim exits");
+                self.exit.signal();
+            }
         }
         result
     }
@@ -124,7 +214,7 @@ impl Pod {
         if let Some(sb) = self.sandbox() {
             return Ok(sb);
         }
-        let sb = Sandbox::launch(self.config.clone(), self.events.clone(), setup).await?;
+        let sb = (self.launch)(self.config.clone(), self.events.clone(), setup).await?;
         self.slot().sandbox = Some(sb.clone());
         Ok(sb)
     }
@@ -132,6 +222,11 @@ impl Pod {
     /// Tears the VM down if no container is in it or being created.
     /// Returns whether the pod is now empty (no VM left).
     pub async fn teardown_if_unused(&self) -> bool {
+        // Without waiting for a boot in progress (it holds the lock): a
+        // create in flight keeps the pod anyway.
+        if !self.slot().reserved.is_empty() {
+            return false;
+        }
         let _lifecycle = self.lifecycle.lock().await;
         let sb = {
             let mut slot = self.slot();
