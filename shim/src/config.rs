@@ -60,6 +60,16 @@ pub struct Config {
     /// any of `io.ember.vcpus`, `io.ember.memory_mib`,
     /// `io.ember.kernel_params`. An annotation not listed here is refused.
     pub enable_annotations: Vec<String>,
+    /// Start pods from VM templates: the first pod of a (kernel, initrd,
+    /// VM shape) boots cold and is snapshotted, later ones restore from
+    /// that snapshot in well under a second. `false`: every pod boots cold.
+    pub templates: bool,
+    /// Where templates live, one directory per identity (`ember templates`).
+    pub template_dir: PathBuf,
+    /// How long a VM restored from a template may take until its agent
+    /// answers; after that the template is discarded and the pod boots
+    /// cold.
+    pub template_restore_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -79,6 +89,9 @@ impl Default for Config {
             boot_timeout_secs: 600,
             agent_timeout_secs: 120,
             enable_annotations: Vec::new(),
+            templates: true,
+            template_dir: "/var/lib/ember/templates".into(),
+            template_restore_timeout_secs: 30,
         }
     }
 }
@@ -167,6 +180,15 @@ impl Config {
         if self.agent_timeout_secs == 0 {
             bail!("agent_timeout_secs must be more than 0");
         }
+        if self.template_restore_timeout_secs == 0 {
+            bail!("template_restore_timeout_secs must be more than 0");
+        }
+        if !self.template_dir.is_absolute() {
+            bail!(
+                "template_dir must be an absolute path, not {}",
+                self.template_dir.display()
+            );
+        }
         if !self.state_dir.is_absolute() {
             bail!(
                 "state_dir must be an absolute path, not {}",
@@ -192,6 +214,10 @@ impl Config {
 
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    pub fn template_restore_timeout(&self) -> Duration {
+        Duration::from_secs(self.template_restore_timeout_secs)
     }
 
     /// Whether annotation `name` may override a per-pod setting.
@@ -248,6 +274,9 @@ mod tests {
             agent_timeout_secs = 10
             kernel_params = "quiet"
             enable_annotations = ["io.ember.vcpus", "io.ember.memory_mib"]
+            templates = false
+            template_dir = "/tmp/templates"
+            template_restore_timeout_secs = 5
             "#,
         )
         .unwrap();
@@ -257,6 +286,9 @@ mod tests {
         assert_eq!(c.boot_timeout(), Duration::from_secs(30));
         assert!(c.annotation_enabled("io.ember.vcpus"));
         assert!(!c.annotation_enabled("io.ember.kernel_params"));
+        assert!(!c.templates);
+        assert_eq!(c.template_dir, PathBuf::from("/tmp/templates"));
+        assert_eq!(c.template_restore_timeout(), Duration::from_secs(5));
     }
 
     #[test]
@@ -279,6 +311,8 @@ mod tests {
         assert!(err("default_memory_mib = 16").contains("default_memory_mib"));
         assert!(err("boot_timeout_secs = 0").contains("boot_timeout_secs"));
         assert!(err("state_dir = \"run/ember\"").contains("absolute"));
+        assert!(err("template_dir = \"templates\"").contains("template_dir"));
+        assert!(err("template_restore_timeout_secs = 0").contains("template_restore"));
         assert!(err("enable_annotations = [\"io.ember.group\"]").contains("io.ember.group"));
         assert!(err("log_level = \"info,=[\"").contains("log_level"));
     }

@@ -360,7 +360,8 @@ pub struct Options {
     pub ready_timeout: Duration,
     /// Ember config (TOML) to write to `<dir>/ember.toml` and hand to the
     /// shim through `EMBER_CONFIG` in containerd's environment (containerd
-    /// passes its environment on to shims).
+    /// passes its environment on to shims). Without a `template_dir` key,
+    /// VM templates go to `<dir>/templates` (this run's own).
     pub ember_config: Option<String>,
     /// Extra environment for containerd (and so for its shims).
     pub env: Vec<(String, String)>,
@@ -489,6 +490,18 @@ impl Containerd {
         let mut cmd = Command::new(&containerd);
         if let Some(text) = &opts.ember_config {
             let p = path.join("ember.toml");
+            let mut text = text.clone();
+            if !text
+                .lines()
+                .any(|l| l.trim_start().starts_with("template_dir"))
+            {
+                // VM templates of this run only (a test that wants them
+                // elsewhere, or off, says so in its config).
+                text.push_str(&format!(
+                    "template_dir = {:?}\n",
+                    path.join("templates").display().to_string()
+                ));
+            }
             std::fs::write(&p, text)?;
             cmd.env("EMBER_CONFIG", &p);
         }

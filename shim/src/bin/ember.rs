@@ -7,6 +7,9 @@
 //! ember check                  check KVM, guest kernel and initrd, CPU template, state dir
 //! ember bench boot [--count N] [--vcpus N] [--mem MIB]
 //!                              boot N VMs one after another and report each phase
+//! ember templates [list]       list the VM templates, their sizes and the total
+//! ember templates drop ID|--all
+//!                              remove one template, or all of them
 //! ember version
 //! ```
 
@@ -21,6 +24,7 @@ use ember_shim::sandbox::agent::Agent;
 use ember_shim::sandbox::boot::boot_vm;
 use ember_shim::sandbox::paths::SandboxPaths;
 use ember_shim::sandbox::{vm_config, SandboxSetup};
+use ember_vmm::snapshot::store::TemplateStore;
 use ember_vmm::timing::fmt_duration;
 
 const USAGE: &str = "usage:
@@ -30,6 +34,11 @@ const USAGE: &str = "usage:
                                boot N VMs one after another (no containerd): time to
                                first guest instruction, kernel to init, agent ready,
                                shutdown, and this process' memory per VM
+  ember templates [list]       list the VM templates (template_dir): identity, size on
+                               disk, total; `*` marks the one of a default-sized pod
+  ember templates drop ID|--all
+                               remove one template (pods of its identity make it
+                               again), or every template
   ember version
 
 The config is /etc/ember/config.toml, or the file named by EMBER_CONFIG.";
@@ -41,6 +50,9 @@ fn main() -> ExitCode {
         ["config"] => cmd_config(),
         ["check"] => cmd_check(),
         ["bench", "boot", rest @ ..] => cmd_bench_boot(rest),
+        ["templates"] | ["templates", "list"] => cmd_templates_list(),
+        ["templates", "drop", "--all"] => cmd_templates_drop(None),
+        ["templates", "drop", id] if !id.starts_with('-') => cmd_templates_drop(Some(id)),
         ["version"] | ["--version"] | ["-v"] => {
             println!("ember {}", ember_shim::VERSION);
             Ok(ExitCode::SUCCESS)
@@ -161,6 +173,79 @@ fn cmd_check() -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The template identity of a default-sized pod under `config`.
+fn default_identity(config: &Config) -> Result<String> {
+    let paths = SandboxPaths::new(&config.state_dir, "ember", "template-probe");
+    let setup = SandboxSetup {
+        namespace: "ember".into(),
+        id: "template-probe".into(),
+        size: VmSize {
+            vcpus: config.default_vcpus,
+            mem_mib: config.default_memory_mib,
+        },
+        kernel_params: None,
+    };
+    Ok(TemplateStore::identity(&vm_config(config, &paths, &setup))?)
+}
+
+fn cmd_templates_list() -> Result<ExitCode> {
+    let (config, _) = Config::load()?;
+    let store = TemplateStore::new(&config.template_dir);
+    let current = default_identity(&config).ok();
+    println!(
+        "# VM templates in {} ({})",
+        store.dir().display(),
+        if config.templates {
+            "templates on"
+        } else {
+            "templates off in the config"
+        }
+    );
+    let list = store.list();
+    for t in &list {
+        let mark = if current.as_deref() == Some(t.identity.as_str()) {
+            "*"
+        } else {
+            " "
+        };
+        println!(
+            "{mark} {}  {:>10}  {}",
+            t.identity,
+            mib(t.disk_bytes),
+            t.dir.display()
+        );
+    }
+    println!(
+        "{} template(s), {} on disk in {}",
+        list.len(),
+        mib(store.disk_bytes()),
+        store.dir().display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_templates_drop(id: Option<&str>) -> Result<ExitCode> {
+    let (config, _) = Config::load()?;
+    let store = TemplateStore::new(&config.template_dir);
+    match id {
+        None => {
+            let n = store.list().len();
+            store.clear()?;
+            println!("dropped {n} template(s) from {}", store.dir().display());
+        }
+        Some(id) => {
+            if id.contains('/') || id.starts_with('.') || store.get(id).is_none() {
+                bail!("no template {id:?} in {}", store.dir().display());
+            }
+            store.discard(id)?;
+            // A pod may try this identity again.
+            let _ = std::fs::remove_file(store.dir().join(format!(".broken-{id}")));
+            println!("dropped template {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 struct BenchArgs {

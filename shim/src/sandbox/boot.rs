@@ -2,11 +2,11 @@
 //! by the shim (a pod's first container) and by `ember bench boot`, so the
 //! benchmark measures exactly what a pod start costs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use ember_proto::agent::{
-    health_response::Status, HealthRequest, SeedEntropyRequest, SetTimeRequest,
+    health_response::Status, HealthRequest, SeedEntropyRequest, SetHostnameRequest, SetTimeRequest,
 };
 use ember_proto::client::{self, AgentClient};
 use ember_proto::AGENT_VSOCK_PORT;
@@ -99,31 +99,64 @@ pub fn console_tail(path: Option<&Path>) -> String {
 }
 
 /// Starts a VM, waits (at most `timeout`) for its agent to answer Health,
-/// and sets the guest clock. On failure the VM is torn down.
+/// and sets the guest clock and seeds its entropy. On failure the VM is
+/// torn down.
 pub async fn boot_vm(config: VmConfig, timeout: Duration) -> Result<BootedVm, BootError> {
-    let uds = config
-        .vsock
-        .as_ref()
-        .map(|v| v.uds_path.clone())
-        .ok_or(BootError::NoVsock)?;
+    let booted = start_vm(config, timeout).await?;
+    for e in personalize(&booted.agent, None).await {
+        tracing::warn!("{e:#}");
+    }
+    Ok(booted)
+}
+
+/// Starts a VM and waits (at most `timeout`) for its agent to answer
+/// Health; nothing more. On failure the VM is torn down.
+pub async fn start_vm(config: VmConfig, timeout: Duration) -> Result<BootedVm, BootError> {
+    let uds = vsock_path(&config)?;
     let console = config.console_log.clone();
     let started = Instant::now();
     let vm = Vm::start(config).await?;
+    let (vm, agent) = await_agent(vm, &uds, console.as_deref(), started, timeout).await?;
+    let report = BootReport {
+        cpu_template: vm.cpu_template(),
+        timings: vm.timings(),
+        agent_ready: started.elapsed(),
+    };
+    Ok(BootedVm { vm, agent, report })
+}
 
+/// The host end of the VM's vsock device.
+pub(crate) fn vsock_path(config: &VmConfig) -> Result<PathBuf, BootError> {
+    config
+        .vsock
+        .as_ref()
+        .map(|v| v.uds_path.clone())
+        .ok_or(BootError::NoVsock)
+}
+
+/// Waits until the agent of a started (or restored) VM answers Health,
+/// `timeout` after `started` at most. On failure the VM is torn down and
+/// the error quotes the end of the guest console.
+pub(crate) async fn await_agent(
+    vm: Vm,
+    uds: &Path,
+    console: Option<&Path>,
+    started: Instant,
+    timeout: Duration,
+) -> Result<(Vm, AgentClient), BootError> {
     // Retry while the guest boots. The VM is checked between attempts
-    // rather than awaited: `Vm` is not `Sync`, so no borrow of it may live
-    // across an await here (this future must be `Send`). An attempt is
-    // bounded, so an ended VM is noticed within one attempt.
+    // rather than awaited; an attempt is bounded, so an ended VM is
+    // noticed within one attempt.
     let deadline = started + timeout;
     let mut attempts = 0u32;
-    let agent = loop {
+    loop {
         let end = match vm.exit_reason() {
             Some(reason) => Some(Some(reason.to_string())),
             None if Instant::now() >= deadline => Some(None),
             None => None,
         };
         if let Some(end) = end {
-            let console = console_tail(console.as_deref());
+            let console = console_tail(console);
             vm.shutdown().await;
             return Err(match end {
                 Some(reason) => BootError::VmEnded { reason, console },
@@ -132,29 +165,29 @@ pub async fn boot_vm(config: VmConfig, timeout: Duration) -> Result<BootedVm, Bo
         }
         attempts += 1;
         let attempt = CONNECT_ATTEMPT.min(deadline.saturating_duration_since(Instant::now()));
-        if let Some(agent) = try_agent(&uds, attempt).await {
+        if let Some(agent) = try_agent(uds, attempt).await {
             tracing::debug!(attempts, "agent is serving");
-            break agent;
+            return Ok((vm, agent));
         }
         tokio::time::sleep(RETRY_PAUSE).await;
-    };
-    let report = BootReport {
-        cpu_template: vm.cpu_template(),
-        timings: vm.timings(),
-        agent_ready: started.elapsed(),
-    };
+    }
+}
 
-    // The guest has no trustworthy clock: give it the host's right away.
+/// Makes the guest this pod's own: the host's clock (the guest has no
+/// trustworthy one, and a restored guest's stops at the snapshot), fresh
+/// entropy with a CRNG reseed (without it `getrandom()` can block early
+/// on, and guests restored from one template would share their random
+/// stream), and the hostname if given. Returns what failed.
+pub async fn personalize(agent: &AgentClient, hostname: Option<&str>) -> Vec<anyhow::Error> {
+    let mut errors = Vec::new();
     let mut req = SetTimeRequest::new();
     req.time = Some(ember_proto::time::to_timestamp(SystemTime::now())).into();
     if let Err(e) = agent
         .set_time(client::context(client::DEFAULT_TIMEOUT), &req)
         .await
     {
-        tracing::warn!("setting the guest clock failed: {e}");
+        errors.push(anyhow::anyhow!("setting the guest clock: {e}"));
     }
-    // Nor an entropy source: without this, getrandom() in guest programs
-    // can block early on.
     match host_random(ENTROPY_BYTES) {
         Ok(data) => {
             let mut req = SeedEntropyRequest::new();
@@ -164,12 +197,44 @@ pub async fn boot_vm(config: VmConfig, timeout: Duration) -> Result<BootedVm, Bo
                 .seed_entropy(client::context(client::DEFAULT_TIMEOUT), &req)
                 .await
             {
-                tracing::debug!("seeding guest entropy failed: {e}");
+                errors.push(anyhow::anyhow!("seeding the guest's entropy: {e}"));
             }
         }
-        Err(e) => tracing::warn!("reading host randomness: {e}"),
+        Err(e) => errors.push(anyhow::anyhow!("reading host randomness: {e}")),
     }
-    Ok(BootedVm { vm, agent, report })
+    if let Some(name) = hostname {
+        let mut req = SetHostnameRequest::new();
+        req.hostname = name.to_string();
+        if let Err(e) = agent
+            .set_hostname(client::context(client::DEFAULT_TIMEOUT), &req)
+            .await
+        {
+            errors.push(anyhow::anyhow!("setting the guest hostname {name:?}: {e}"));
+        }
+    }
+    errors
+}
+
+/// The guest hostname of a pod: its id with anything but ASCII letters,
+/// digits, `-` and `.` replaced by `-`, at most 63 bytes.
+pub fn pod_hostname(pod: &str) -> String {
+    let name: String = pod
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let name = name.trim_matches(|c| c == '-' || c == '.');
+    if name.is_empty() {
+        "ember".into()
+    } else {
+        name.to_string()
+    }
 }
 
 /// One attempt to reach the agent: connect through the hybrid vsock and
@@ -214,5 +279,13 @@ mod tests {
         assert!(t.contains("line 39") && t.contains("line 25") && !t.contains("line 24\n"));
         assert_eq!(console_tail(None), "");
         assert_eq!(console_tail(Some(&dir.path().join("missing"))), "");
+    }
+
+    #[test]
+    fn pod_hostnames_are_valid() {
+        assert_eq!(pod_hostname("web-1"), "web-1");
+        assert_eq!(pod_hostname("ns/pod_a"), "ns-pod-a");
+        assert_eq!(pod_hostname("__"), "ember");
+        assert_eq!(pod_hostname(&"a".repeat(80)).len(), 63);
     }
 }

@@ -6,7 +6,8 @@
 //! - [`container`], [`process`]: the registry of containers and processes;
 //! - [`monitor`]: VM supervision, death signal, agent health;
 //! - [`oom`]: the OOM event long poll;
-//! - [`paths`]: the pod's state directory layout.
+//! - [`paths`]: the pod's state directory layout;
+//! - [`template`]: restore the VM from a template, or boot it cold.
 //!
 //! The sandbox owns the process lifecycle and publishes its events
 //! (TaskCreate, TaskStart, TaskExecAdded, TaskExecStarted, TaskExit,
@@ -20,6 +21,7 @@ pub mod monitor;
 pub mod oom;
 pub mod paths;
 pub mod process;
+pub mod template;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,7 +42,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use self::agent::Agent;
-use self::boot::{boot_vm, BootReport};
+use self::boot::BootReport;
 use self::container::Container;
 use self::monitor::{DeathSignal, VmHandle};
 use self::oom::{OomTracker, OOM_GRACE};
@@ -224,8 +226,12 @@ impl Sandbox {
             state = %paths.state_dir.display(),
             "booting the pod's VM"
         );
-        let booted = match boot_vm(vm_config, config.boot_timeout()).await {
-            Ok(b) => b,
+        let hostname = boot::pod_hostname(&setup.id);
+        let booted = match template::boot_or_restore(&config, vm_config, &hostname).await {
+            Ok(launched) => {
+                tracing::info!(pod = %setup.id, "pod VM ready: {}", launched.report);
+                launched.booted
+            }
             Err(e) => {
                 let p = paths.clone();
                 let _ = blocking("cleaning up", move || cleanup_state(&p)).await;
@@ -234,7 +240,6 @@ impl Sandbox {
                 ));
             }
         };
-        tracing::info!(pod = %setup.id, "pod VM ready: {}", booted.report);
 
         let agent = Agent::new(booted.agent, config.agent_timeout());
         let death = DeathSignal::default();
