@@ -7,6 +7,7 @@
 //! thread (epoll over its queue eventfds and backend fds), so a slow or
 //! hostile guest on one device cannot stall another one or a vCPU.
 
+mod device_worker;
 pub mod fs;
 mod log_limit;
 pub mod mmio;

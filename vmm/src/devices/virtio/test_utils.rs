@@ -113,16 +113,7 @@ impl VirtioDevice for DummyDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let Some(end) = start.checked_add(data.len()) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..end) {
-            data.copy_from_slice(src);
-        }
+        super::device_worker::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::super::device_worker::{check_activation, read_config_bytes, DeviceWorker};
 use super::worker::{RequestHandler, Worker, KILL_TOKEN};
 use super::{CONFIG_SPACE_SIZE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::devices::virtio::{
@@ -101,11 +101,11 @@ pub enum FsError {
     InvalidOptions(&'static str),
 }
 
-/// The running worker of an activated device.
+/// The running worker of an activated device, and its stop flag (checked
+/// between requests, so a worker busy with a long queue stops soon).
 struct WorkerHandle {
-    kill: EventFd,
+    thread: DeviceWorker,
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
 }
 
 /// A virtio-fs device exporting one host directory under one tag.
@@ -257,15 +257,9 @@ impl VirtioFs {
             return;
         };
         w.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = w.kill.write(1) {
-            // The stop flag is still checked between requests and epoll
-            // wakes on queue kicks; log and join anyway.
-            tracing::error!(tag = %self.tag, "virtio-fs: cannot signal the worker: {e}");
+        if w.thread.stop() {
+            tracing::debug!(tag = %self.tag, "virtio-fs: worker stopped");
         }
-        if w.thread.join().is_err() {
-            tracing::error!(tag = %self.tag, "virtio-fs: worker thread panicked");
-        }
-        tracing::debug!(tag = %self.tag, "virtio-fs: worker stopped");
     }
 }
 
@@ -287,16 +281,7 @@ impl VirtioDevice for VirtioFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let Some(end) = start.checked_add(data.len()) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..end) {
-            data.copy_from_slice(src);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -316,21 +301,19 @@ impl VirtioDevice for VirtioFs {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
+        check_activation(
+            self.worker.is_some(),
+            false,
+            NUM_QUEUES,
+            &queues,
+            &queue_evts,
+        )?;
 
         let fs = self.build_backend().map_err(|e| {
             ActivateError::Backend(format!("passthrough file system for {:?}: {e}", self.root))
         })?;
 
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let (kill, worker_kill) = DeviceWorker::kill_pair()?;
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;
         for (i, evt) in queue_evts.iter().enumerate() {
             epoll
@@ -344,11 +327,10 @@ impl VirtioDevice for VirtioFs {
         epoll
             .ctl(
                 ControlOperation::Add,
-                std::os::fd::AsRawFd::as_raw_fd(&kill),
+                std::os::fd::AsRawFd::as_raw_fd(&worker_kill),
                 EpollEvent::new(EventSet::IN, KILL_TOKEN),
             )
             .map_err(ActivateError::Worker)?;
-        let worker_kill = kill.try_clone().map_err(ActivateError::Worker)?;
         let stop = Arc::new(AtomicBool::new(false));
 
         let worker = Worker {
@@ -367,10 +349,7 @@ impl VirtioDevice for VirtioFs {
         // The worker reports whether it could isolate its umask before it
         // serves anything; see `Worker::run`.
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
-        let thread = std::thread::Builder::new()
-            .name(THREAD_NAME.to_string())
-            .spawn(move || worker.run(ready_tx))
-            .map_err(ActivateError::Worker)?;
+        let thread = DeviceWorker::spawn(THREAD_NAME, kill, move || worker.run(ready_tx))?;
 
         let started = match ready_rx.recv() {
             Ok(Ok(())) => Ok(()),
@@ -379,10 +358,7 @@ impl VirtioDevice for VirtioFs {
         };
         if let Err(why) = started {
             stop.store(true, Ordering::SeqCst);
-            let _ = kill.write(1);
-            if thread.join().is_err() {
-                tracing::error!(tag = %self.tag, "virtio-fs: worker thread panicked");
-            }
+            thread.stop();
             return Err(ActivateError::Backend(why));
         }
 
@@ -393,7 +369,7 @@ impl VirtioDevice for VirtioFs {
             read_only = self.opts.read_only,
             "virtio-fs: device activated"
         );
-        self.worker = Some(WorkerHandle { kill, stop, thread });
+        self.worker = Some(WorkerHandle { thread, stop });
         Ok(())
     }
 

@@ -39,13 +39,13 @@ use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::super::device_worker::{check_activation, read_config_bytes, DeviceWorker};
 use super::super::used_ring::{add_used, notify_used};
 use super::super::{ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_NET};
 use super::tap::{NetBackend, Tap};
@@ -105,11 +105,6 @@ fn validate_mac(mac: &[u8; 6]) -> Result<(), NetError> {
     Ok(())
 }
 
-struct WorkerHandle {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// The virtio-net device.
 pub struct Net {
     mac: [u8; 6],
@@ -118,7 +113,7 @@ pub struct Net {
     acked_features: u64,
     queue_sizes: [u16; NUM_QUEUES],
     backend: BackendSlot,
-    worker: Option<WorkerHandle>,
+    worker: Option<DeviceWorker>,
     stats: Arc<Stats>,
     shut_down: bool,
 }
@@ -219,21 +214,7 @@ impl Net {
     /// Signals the worker to stop and joins it. Returns false if it had
     /// panicked or could not be signalled.
     fn stop_worker(&mut self) -> bool {
-        let Some(w) = self.worker.take() else {
-            return true;
-        };
-        if let Err(e) = w.kill.write(1) {
-            // Without the kill signal the join below could hang forever.
-            tracing::error!(backend = %self.backend_name, "net: cannot signal the worker to stop: {e}");
-            return false;
-        }
-        match w.thread.join() {
-            Ok(()) => true,
-            Err(_) => {
-                tracing::error!(backend = %self.backend_name, "net: worker thread panicked");
-                false
-            }
-        }
+        self.worker.take().is_none_or(DeviceWorker::stop)
     }
 }
 
@@ -266,13 +247,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config();
-        let start = usize::try_from(offset).ok();
-        let end = start.and_then(|s| s.checked_add(data.len()));
-        match (start, end) {
-            (Some(s), Some(e)) if e <= cfg.len() => data.copy_from_slice(&cfg[s..e]),
-            _ => data.fill(0),
-        }
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -287,20 +262,13 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if self.shut_down {
-            return Err(ActivateError::Backend("the device was shut down".into()));
-        }
-        for got in [queues.len(), queue_evts.len()] {
-            if got != NUM_QUEUES {
-                return Err(ActivateError::QueueCount {
-                    expected: NUM_QUEUES,
-                    got,
-                });
-            }
-        }
+        check_activation(
+            self.worker.is_some(),
+            self.shut_down,
+            NUM_QUEUES,
+            &queues,
+            &queue_evts,
+        )?;
         if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
             // The transport is modern-only; we use the VERSION_1 header
             // layout whatever the driver said.
@@ -313,8 +281,7 @@ impl VirtioDevice for Net {
         };
 
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
+        let (kill, kill_worker) = DeviceWorker::kill_pair()?;
         let mut evts = queue_evts.into_iter();
         let mut qs = queues.into_iter();
         let (Some(rx_evt), Some(tx_evt), Some(rxq), Some(txq)) =
@@ -349,40 +316,37 @@ impl VirtioDevice for Net {
         };
         let slot = self.backend.clone();
         let stats = self.stats.clone();
-        let thread = std::thread::Builder::new()
-            .name("ember-net".into())
-            .spawn(move || {
-                let Some(backend) = lock(&slot).take() else {
-                    tracing::error!("net: worker started without a backend");
-                    return;
-                };
-                let mut worker = Worker {
-                    mem,
-                    interrupt,
-                    queues: [rxq, txq],
-                    rx_evt,
-                    tx_evt,
-                    kill: kill_worker,
-                    epoll,
-                    backend,
-                    backend_fd,
-                    backend_armed: true,
-                    backend_failed: false,
-                    rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
-                    rx_pending: None,
-                    rx_max_frame,
-                    tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
-                    segs: Vec::new(),
-                    tx_more: false,
-                    rx_more: false,
-                    stats,
-                    log: LogLimiter::new(),
-                };
-                worker.run();
-                *lock(&slot) = Some(worker.backend);
-            })
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerHandle { kill, thread });
+        let worker = DeviceWorker::spawn("ember-net", kill, move || {
+            let Some(backend) = lock(&slot).take() else {
+                tracing::error!("net: worker started without a backend");
+                return;
+            };
+            let mut worker = Worker {
+                mem,
+                interrupt,
+                queues: [rxq, txq],
+                rx_evt,
+                tx_evt,
+                kill: kill_worker,
+                epoll,
+                backend,
+                backend_fd,
+                backend_armed: true,
+                backend_failed: false,
+                rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+                rx_pending: None,
+                rx_max_frame,
+                tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+                segs: Vec::new(),
+                tx_more: false,
+                rx_more: false,
+                stats,
+                log: LogLimiter::new(),
+            };
+            worker.run();
+            *lock(&slot) = Some(worker.backend);
+        })?;
+        self.worker = Some(worker);
         tracing::debug!(backend = %self.backend_name, mac = %format_mac(&self.mac), "net: activated");
         Ok(())
     }

@@ -16,7 +16,6 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -24,6 +23,7 @@ use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::super::device_worker::{check_activation, read_config_bytes, DeviceWorker};
 use super::super::used_ring::{add_used, notify_used};
 use super::super::{ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_VSOCK};
 use super::muxer::Muxer;
@@ -55,11 +55,6 @@ fn lock(slot: &ListenerSlot) -> MutexGuard<'_, Option<HostListener>> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-struct WorkerHandle {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// The virtio-vsock device with a hybrid Unix-socket backend.
 pub struct Vsock {
     guest_cid: u64,
@@ -68,7 +63,7 @@ pub struct Vsock {
     acked_features: u64,
     queue_sizes: [u16; NUM_QUEUES],
     listener: ListenerSlot,
-    worker: Option<WorkerHandle>,
+    worker: Option<DeviceWorker>,
     /// Wakes the worker for [`Vsock::send_transport_reset`].
     cmd_evt: EventFd,
     reset_requested: Arc<AtomicBool>,
@@ -146,21 +141,7 @@ impl Vsock {
     /// Signals the worker to stop and joins it. Returns false if it had
     /// panicked.
     fn stop_worker(&mut self) -> bool {
-        let Some(w) = self.worker.take() else {
-            return true;
-        };
-        if let Err(e) = w.kill.write(1) {
-            // Without the kill signal the join below could hang forever.
-            tracing::error!("vsock: cannot signal the worker to stop: {e}");
-            return false;
-        }
-        match w.thread.join() {
-            Ok(()) => true,
-            Err(_) => {
-                tracing::error!("vsock: worker thread panicked");
-                false
-            }
-        }
+        self.worker.take().is_none_or(DeviceWorker::stop)
     }
 }
 
@@ -188,13 +169,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.guest_cid.to_le_bytes();
-        let start = usize::try_from(offset).ok();
-        let end = start.and_then(|s| s.checked_add(data.len()));
-        match (start, end) {
-            (Some(s), Some(e)) if e <= cfg.len() => data.copy_from_slice(&cfg[s..e]),
-            _ => data.fill(0),
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -208,24 +183,13 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if self.shut_down {
-            return Err(ActivateError::Backend("the device was shut down".into()));
-        }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
-        if queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queue_evts.len(),
-            });
-        }
+        check_activation(
+            self.worker.is_some(),
+            self.shut_down,
+            NUM_QUEUES,
+            &queues,
+            &queue_evts,
+        )?;
         if lock(&self.listener).is_none() {
             return Err(ActivateError::Backend(
                 "the host listener is gone (an earlier worker failed)".into(),
@@ -233,8 +197,7 @@ impl VirtioDevice for Vsock {
         }
 
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
+        let (kill, kill_worker) = DeviceWorker::kill_pair()?;
         let cmd = self.cmd_evt.try_clone().map_err(ActivateError::Worker)?;
         let mut evts = queue_evts.into_iter();
         let (Some(rx_evt), Some(tx_evt), Some(ev_evt)) = (evts.next(), evts.next(), evts.next())
@@ -272,43 +235,40 @@ impl VirtioDevice for Vsock {
         let uds_path = self.uds_path.clone();
         let timeouts = self.timeouts;
         let reset_requested = self.reset_requested.clone();
-        let thread = std::thread::Builder::new()
-            .name("ember-vsock".into())
-            .spawn(move || {
-                let Some(listener) = lock(&slot).take() else {
-                    tracing::error!("vsock: worker started without a listener");
+        let worker = DeviceWorker::spawn("ember-vsock", kill, move || {
+            let Some(listener) = lock(&slot).take() else {
+                tracing::error!("vsock: worker started without a listener");
+                return;
+            };
+            let muxer = match Muxer::new(guest_cid, uds_path, timeouts, epoll, listener) {
+                Ok(m) => m,
+                Err((e, listener)) => {
+                    tracing::error!("vsock: cannot watch the host listener: {e}");
+                    *lock(&slot) = Some(listener);
                     return;
-                };
-                let muxer = match Muxer::new(guest_cid, uds_path, timeouts, epoll, listener) {
-                    Ok(m) => m,
-                    Err((e, listener)) => {
-                        tracing::error!("vsock: cannot watch the host listener: {e}");
-                        *lock(&slot) = Some(listener);
-                        return;
-                    }
-                };
-                let mut worker = Worker {
-                    mem,
-                    interrupt,
-                    queues: [rxq, txq, evq],
-                    rx_evt,
-                    tx_evt,
-                    ev_evt,
-                    kill: kill_worker,
-                    cmd,
-                    muxer,
-                    reset_requested,
-                    reset_event_pending: false,
-                    tx_scratch: vec![0u8; MAX_PKT_DATA as usize],
-                    tx_more: false,
-                    rx_more: false,
-                    log: LogLimiter::new(),
-                };
-                worker.run();
-                *lock(&slot) = Some(worker.muxer.into_listener());
-            })
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerHandle { kill, thread });
+                }
+            };
+            let mut worker = Worker {
+                mem,
+                interrupt,
+                queues: [rxq, txq, evq],
+                rx_evt,
+                tx_evt,
+                ev_evt,
+                kill: kill_worker,
+                cmd,
+                muxer,
+                reset_requested,
+                reset_event_pending: false,
+                tx_scratch: vec![0u8; MAX_PKT_DATA as usize],
+                tx_more: false,
+                rx_more: false,
+                log: LogLimiter::new(),
+            };
+            worker.run();
+            *lock(&slot) = Some(worker.muxer.into_listener());
+        })?;
+        self.worker = Some(worker);
         tracing::debug!(guest_cid = self.guest_cid, "vsock: activated");
         Ok(())
     }
