@@ -64,11 +64,25 @@ pub mod sys {
     }
 }
 
-/// Where the child failed (sent in [`Report::stage`]).
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Signals = 1,
+/// Declares [`Stage`] and its list, so that the two cannot drift apart.
+macro_rules! stages {
+    ($first:ident, $($rest:ident),* $(,)?) => {
+        /// Where the child failed (sent in [`Report::stage`]).
+        #[repr(u8)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Stage {
+            $first = 1,
+            $($rest,)*
+        }
+
+        impl Stage {
+            const ALL: &'static [Stage] = &[Stage::$first, $(Stage::$rest,)*];
+        }
+    };
+}
+
+stages!(
+    Signals,
     Setsid,
     JoinCgroup,
     Setns,
@@ -102,48 +116,11 @@ pub enum Stage {
     Cwd,
     Lookup,
     Exec,
-}
+);
 
 impl Stage {
     pub fn from_u8(v: u8) -> Option<Stage> {
-        use Stage::*;
-        const ALL: [Stage; 34] = [
-            Signals,
-            Setsid,
-            JoinCgroup,
-            Setns,
-            Chroot,
-            UnshareCgroupns,
-            OomScoreAdj,
-            Stdio,
-            Ctty,
-            RootPropagation,
-            BindRoot,
-            Mount,
-            Remount,
-            Propagation,
-            Device,
-            Symlink,
-            ChdirRoot,
-            PivotRoot,
-            MoveRoot,
-            Sysctl,
-            Mask,
-            ReadonlyPath,
-            RootReadonly,
-            Hostname,
-            Rlimit,
-            Seccomp,
-            Setgroups,
-            Setgid,
-            Setuid,
-            Capset,
-            NoNewPrivs,
-            Cwd,
-            Lookup,
-            Exec,
-        ];
-        ALL.into_iter().find(|s| *s as u8 == v)
+        Self::ALL.iter().copied().find(|s| *s as u8 == v)
     }
 }
 
@@ -1017,5 +994,20 @@ unsafe fn setup_rootfs(plan: &ChildPlan, fs: &RootfsPlan) {
             );
             ok(plan, r, Stage::RootReadonly, 0);
         }
+    }
+}
+
+#[cfg(test)]
+mod stage_tests {
+    use super::Stage;
+
+    #[test]
+    fn every_stage_round_trips_through_its_byte() {
+        for (i, s) in Stage::ALL.iter().enumerate() {
+            assert_eq!(*s as u8 as usize, i + 1);
+            assert_eq!(Stage::from_u8(*s as u8), Some(*s));
+        }
+        assert_eq!(Stage::from_u8(0), None);
+        assert_eq!(Stage::from_u8(Stage::ALL.len() as u8 + 1), None);
     }
 }
