@@ -27,6 +27,7 @@ pub mod container;
 pub mod init;
 pub mod logging;
 pub mod mounts;
+pub mod network;
 pub mod power;
 pub mod reaper;
 pub mod sandbox;

@@ -1,8 +1,8 @@
 //! The `ember.agent.v1.Agent` ttrpc service.
 //!
-//! Implemented: everything except UpdateInterfaces, UpdateRoutes and
-//! SeedEntropy (UNIMPLEMENTED). Container methods live in
-//! [`crate::container`], sandbox-wide ones in [`crate::sandbox`].
+//! Every method is implemented. Container methods live in
+//! [`crate::container`], sandbox-wide ones in [`crate::sandbox`], the
+//! network ones in [`crate::network`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -48,6 +48,9 @@ pub struct Config {
     pub hostname: ClockControl,
     /// File SetDns writes.
     pub resolv_conf: std::path::PathBuf,
+    /// Whether UpdateInterfaces and UpdateRoutes really change the
+    /// network (never the host's in test mode).
+    pub network: ClockControl,
 }
 
 fn env_path(name: &str) -> Option<std::path::PathBuf> {
@@ -72,6 +75,7 @@ impl Config {
             },
             hostname: ClockControl::Real,
             resolv_conf: "/etc/resolv.conf".into(),
+            network: ClockControl::Real,
         }
     }
 
@@ -96,6 +100,7 @@ impl Config {
             },
             hostname: ClockControl::DryRun,
             resolv_conf: run_dir.join("resolv.conf"),
+            network: ClockControl::DryRun,
         }
     }
 }
@@ -158,17 +163,6 @@ impl AgentService {
 /// A ttrpc error status.
 pub fn rpc_error(code: Code, msg: impl ToString) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
-}
-
-fn not_implemented<T>(method: &str) -> ttrpc::Result<T> {
-    tracing::debug!("{method}: not implemented");
-    Err(rpc_error(
-        Code::UNIMPLEMENTED,
-        format!(
-            "ember-agent {}: {method} is not implemented yet",
-            crate::AGENT_VERSION
-        ),
-    ))
 }
 
 /// `uname -r`, read once.
@@ -506,22 +500,30 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    // ---- not implemented yet ----
-
     async fn update_interfaces(
         &self,
         _ctx: &TtrpcContext,
-        _req: UpdateInterfacesRequest,
+        req: UpdateInterfacesRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("UpdateInterfaces")
+        match self.state.config.network {
+            ClockControl::Real => crate::network::update_interfaces(&req).await?,
+            ClockControl::DryRun => {
+                tracing::info!("test mode: would configure {:?}", req.interfaces)
+            }
+        }
+        Ok(Empty::new())
     }
 
     async fn update_routes(
         &self,
         _ctx: &TtrpcContext,
-        _req: UpdateRoutesRequest,
+        req: UpdateRoutesRequest,
     ) -> ttrpc::Result<Empty> {
-        not_implemented("UpdateRoutes")
+        match self.state.config.network {
+            ClockControl::Real => crate::network::update_routes(&req).await?,
+            ClockControl::DryRun => tracing::info!("test mode: would add routes {:?}", req.routes),
+        }
+        Ok(Empty::new())
     }
 
     /// Mixes host randomness into the guest pool. A VM restored from a

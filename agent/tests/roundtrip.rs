@@ -87,15 +87,11 @@ async fn health_version_settime_unimplemented_shutdown() {
             .unwrap_err(),
     );
     assert_eq!(code, Code::NOT_FOUND);
-    // Not yet implemented methods say so.
-    let (code, msg) = code_of(
-        agent
-            .update_routes(ctx(), &UpdateRoutesRequest::new())
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, Code::UNIMPLEMENTED);
-    assert!(msg.contains("UpdateRoutes"), "{msg}");
+    // Network changes are dry runs in test mode (never the host's).
+    agent
+        .update_routes(ctx(), &UpdateRoutesRequest::new())
+        .await
+        .expect("UpdateRoutes in test mode");
 
     // Shutdown answers first, then fires the signal; Health turns NOT_SERVING.
     agent

@@ -186,6 +186,7 @@ fn default_identity(config: &Config) -> Result<String> {
             mem_mib: config.default_memory_mib,
         },
         kernel_params: None,
+        netns: None,
     };
     Ok(TemplateStore::identity(&vm_config(config, &paths, &setup))?)
 }
@@ -342,6 +343,7 @@ async fn bench_one(config: &Config, size: VmSize, i: u32) -> Result<Duration> {
         id: format!("vm{i}"),
         size,
         kernel_params: None,
+        netns: None,
     };
     let vm_cfg = vm_config(config, &paths, &setup);
     let result = bench_boot_and_stop(config, vm_cfg, i).await;

@@ -4,9 +4,11 @@
 //! - [`mount`]: mount(2) helpers and unmount bookkeeping;
 //! - [`rootfs`]: a container's rootfs and volumes into the virtio-fs share;
 //! - [`spec`]: the OCI spec from host terms into guest terms;
-//! - [`sizing`]: vCPUs and memory of the pod's VM.
+//! - [`sizing`]: vCPUs and memory of the pod's VM;
+//! - [`network`]: the pod's CNI network namespace wired to the VM (tc redirect).
 
 pub mod mount;
+pub mod network;
 pub mod rootfs;
 pub mod sizing;
 pub mod spec;

@@ -76,6 +76,8 @@ impl Agent {
     rpc!(resize_pty, "ResizePty", ResizePtyRequest => Empty);
     rpc!(close_stdin, "CloseStdin", CloseStdinRequest => Empty);
     rpc!(add_mounts, "AddMounts", AddMountsRequest => Empty);
+    rpc!(update_interfaces, "UpdateInterfaces", UpdateInterfacesRequest => Empty);
+    rpc!(update_routes, "UpdateRoutes", UpdateRoutesRequest => Empty);
 
     /// Sets the guest clock to the host's now.
     pub async fn sync_clock(&self, timeout: Duration) -> Result<Empty> {

@@ -58,6 +58,7 @@ use crate::error::{Error, Result};
 use crate::events::{self, EventSink};
 use crate::io::{ProcessIo, StdioPaths};
 use crate::resources::mount::{self, MountRequest};
+use crate::resources::network::PodNetwork;
 use crate::resources::rootfs;
 use crate::resources::sizing::VmSize;
 use crate::resources::spec::{self as ocispec, SharePaths, GUEST_SHARED_DIR};
@@ -88,6 +89,9 @@ pub struct SandboxSetup {
     pub size: VmSize,
     /// `io.ember.kernel_params`, if allowed and given.
     pub kernel_params: Option<String>,
+    /// The pod's network namespace set up by CNI (the sandbox spec's
+    /// network namespace path); none: the VM gets no network interface.
+    pub netns: Option<PathBuf>,
 }
 
 /// A container to create.
@@ -113,6 +117,8 @@ pub struct Sandbox {
     stopping: Arc<AtomicBool>,
     vm: Arc<VmHandle>,
     background: Mutex<Vec<JoinHandle<()>>>,
+    /// The pod's CNI network, wired to the VM.
+    network: Option<PodNetwork>,
 }
 
 /// The VM config of a pod.
@@ -218,7 +224,20 @@ impl Sandbox {
         .await?
         .map_err(|e| Error::Internal(e.context("preparing the pod's state directory")))?;
 
-        let vm_config = vm_config(&config, &paths, &setup);
+        // Read before booting: a namespace CNI left empty is refused at once.
+        let network = match &setup.netns {
+            Some(ns) => match PodNetwork::inspect(ns).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    let p = paths.clone();
+                    let _ = blocking("cleaning up", move || cleanup_state(&p)).await;
+                    return Err(Error::precondition(format!("pod network: {e}")));
+                }
+            },
+            None => None,
+        };
+        let mut vm_config = vm_config(&config, &paths, &setup);
+        vm_config.net = network.iter().flat_map(PodNetwork::net_configs).collect();
         tracing::info!(
             pod = %setup.id,
             vcpus = vm_config.vcpus,
@@ -263,10 +282,17 @@ impl Sandbox {
             stopping,
             vm,
             background: Mutex::new(Vec::new()),
+            network,
         });
         if let Err(e) = sandbox.mount_share().await {
             sandbox.shutdown().await;
             return Err(e);
+        }
+        if let Some(net) = &sandbox.network {
+            if let Err(e) = net.attach(&sandbox.agent).await {
+                sandbox.shutdown().await;
+                return Err(e);
+            }
         }
         sandbox.start_background();
         Ok(sandbox)
@@ -1000,6 +1026,9 @@ impl Sandbox {
             }
         }
         let reason = self.vm.stop().await;
+        if let Some(net) = &self.network {
+            net.disconnect().await;
+        }
         for t in self
             .background
             .lock()
@@ -1046,6 +1075,7 @@ impl Sandbox {
             stopping: Arc::new(AtomicBool::new(false)),
             vm: Arc::new(VmHandle::detached()),
             background: Mutex::new(Vec::new()),
+            network: None,
         });
         sandbox.start_background();
         sandbox

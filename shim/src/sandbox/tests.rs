@@ -609,6 +609,7 @@ fn vm_config_of_a_pod() {
             mem_mib: 512,
         },
         kernel_params: Some("loglevel=3".into()),
+        netns: None,
     };
     let vm = vm_config(&config, &paths, &setup);
     assert_eq!((vm.vcpus, vm.mem_mib), (2, 512));
@@ -664,6 +665,7 @@ async fn a_create_abandoned_during_the_boot_is_undone_and_the_shim_exits() {
             mem_mib: 128,
         },
         kernel_params: None,
+        netns: None,
     };
     let (p, new) = (pod.clone(), h.bundle("c1", &["sleep", "1000"]));
     let create = tokio::spawn(async move { p.create(new, setup).await });

@@ -34,6 +34,7 @@ use crate::events::{self, EventSink};
 use crate::io::StdioPaths;
 use crate::metrics;
 use crate::resources::mount::MountRequest;
+use crate::resources::network;
 use crate::resources::sizing::{check_fits_host, size_vm, HostResources, WorkloadLimits};
 use crate::sandbox::{NewContainer, SandboxSetup};
 
@@ -92,6 +93,25 @@ fn any_json(any: &MessageField<Any>, what: &str) -> Result<Vec<u8>> {
     }
 }
 
+/// What a host-network pod is told.
+pub const HOST_NETWORK_REFUSED: &str = "host-network pods are not supported by the Ember runtime: \
+    each pod runs in its own VM, which cannot share the node's network namespace; \
+    run this pod with hostNetwork: false (its network then comes from CNI), \
+    or with a runc-based RuntimeClass";
+
+/// A CRI pod sandbox without a network namespace of its own is a
+/// host-network pod: refused before any VM boots (README, "Networking").
+fn refuse_host_network(
+    spec: &serde_json::Value,
+    ann: &std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let sandbox = ann.get(annotations::CRI_CONTAINER_TYPE).map(String::as_str) == Some("sandbox");
+    if sandbox && !network::has_network_namespace(spec) {
+        return Err(Error::invalid(HOST_NETWORK_REFUSED));
+    }
+    Ok(())
+}
+
 impl TaskService {
     async fn do_create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
         if !req.checkpoint.is_empty() {
@@ -110,11 +130,13 @@ impl TaskService {
             check_fits_host(&limits, &host)?;
         }
         let size = size_vm(&config, &limits, &overrides);
+        refuse_host_network(&spec, &ann)?;
         let setup = SandboxSetup {
             namespace: self.pod.namespace.clone(),
             id: self.pod.id.clone(),
             size,
             kernel_params: overrides.kernel_params,
+            netns: network::netns_of_spec(&spec),
         };
         let new = NewContainer {
             id: req.id.clone(),
@@ -636,5 +658,24 @@ mod tests {
         });
         assert!(any_json(&bad, "spec").is_err());
         assert!(any_json(&MessageField::none(), "spec").is_err());
+    }
+
+    #[test]
+    fn host_network_sandboxes_are_refused() {
+        let sandbox: std::collections::HashMap<String, String> = [(
+            annotations::CRI_CONTAINER_TYPE.to_string(),
+            "sandbox".to_string(),
+        )]
+        .into();
+        let host = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        let e = refuse_host_network(&host, &sandbox).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains("hostNetwork: false"), "{e}");
+        let cni = serde_json::json!({"linux": {"namespaces": [
+            {"type": "network", "path": "/var/run/netns/cni-1"}]}});
+        assert!(refuse_host_network(&cni, &sandbox).is_ok());
+        // Not a CRI sandbox (ctr run --net-host, an app container): runs
+        // without a network interface in the guest, as before.
+        assert!(refuse_host_network(&host, &Default::default()).is_ok());
     }
 }
