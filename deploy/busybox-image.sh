@@ -1,7 +1,11 @@
 #!/bin/bash
-# Builds a local OCI image `localhost/busybox:test` (Debian's static busybox
-# and its applets, one uncompressed layer) without a registry, and imports
-# it into containerd's namespace(s) given as arguments (default: default).
+# Builds local OCI images without a registry, from one uncompressed layer
+# holding Debian's static busybox and its applets:
+#   localhost/busybox:test   Cmd ["sh"]
+#   localhost/pause:ember    Entrypoint ["/bin/sleep", "infinity"] (a CRI
+#                            sandbox image for hosts that cannot pull one)
+# and imports them into containerd's namespace(s) given as arguments
+# (default: default).
 #   deploy/busybox-image.sh [namespace...]
 # Env: CTR_ADDRESS (containerd socket), EMBER_IMAGE_OUT (keep the tar here).
 set -euo pipefail
@@ -36,9 +40,16 @@ blob() { # write stdin as a blob, print "digest size"
     mv "$tmp" "$layout/blobs/sha256/$d"; echo "$d $s"
 }
 
-read -r config_digest config_size < <(printf '%s' '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:'"$layer_digest"'"]},"history":[{"created_by":"ember deploy/busybox-image.sh"}]}' | blob)
-read -r manifest_digest manifest_size < <(printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config_digest"'","size":'"$config_size"'},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:'"$layer_digest"'","size":'"$layer_size"'}]}' | blob)
-printf '%s' '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$manifest_digest"'","size":'"$manifest_size"',"annotations":{"io.containerd.image.name":"localhost/busybox:test","org.opencontainers.image.ref.name":"test"}}]}' > "$layout/index.json"
+# One manifest per image, both on the same layer.
+manifest() { # name config-json-fragment → prints an index.json manifest entry
+    local name="$1" cfg="$2" cd cs md ms
+    read -r cd cs < <(printf '%s' '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],'"$cfg"',"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:'"$layer_digest"'"]},"history":[{"created_by":"ember deploy/busybox-image.sh"}]}' | blob)
+    read -r md ms < <(printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$cd"'","size":'"$cs"'},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:'"$layer_digest"'","size":'"$layer_size"'}]}' | blob)
+    printf '%s' '{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$md"'","size":'"$ms"',"annotations":{"io.containerd.image.name":"'"$name"'","org.opencontainers.image.ref.name":"'"${name##*:}"'"}}'
+}
+busybox_entry="$(manifest localhost/busybox:test '"Cmd":["sh"]')"
+pause_entry="$(manifest localhost/pause:ember '"Entrypoint":["/bin/sleep","infinity"]')"
+printf '%s' '{"schemaVersion":2,"manifests":['"$busybox_entry,$pause_entry"']}' > "$layout/index.json"
 printf '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
 out="${EMBER_IMAGE_OUT:-$work/busybox.tar}"
 tar --sort=name --mtime=@0 --owner=0 --group=0 -C "$layout" -cf "$out" .
@@ -46,5 +57,5 @@ tar --sort=name --mtime=@0 --owner=0 --group=0 -C "$layout" -cf "$out" .
 namespaces=("$@"); [ "${#namespaces[@]}" -gt 0 ] || namespaces=(default)
 for ns in "${namespaces[@]}"; do
     ctr ${CTR_ADDRESS:+--address "$CTR_ADDRESS"} -n "$ns" images import "$out" >/dev/null
-    echo "busybox-image: localhost/busybox:test imported into namespace $ns"
+    echo "busybox-image: localhost/busybox:test and localhost/pause:ember imported into namespace $ns"
 done
