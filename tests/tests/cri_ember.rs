@@ -7,14 +7,16 @@
 //! One #[test] runs the cases in sequence and prints each one's result and
 //! duration, then fails if any failed. Pods are few, since with Ember each
 //! is a VM (1-2 min to boot here):
-//!   - `work`: host network; most cases (two containers sharing an emptyDir
-//!     and localhost, ExecSync, streaming Exec, logs, stats, OOM, restart,
-//!     bad container input);
-//!   - `net`: on a CNI bridge (`ember-cni0` on 10.88.77.0/24, or the next
-//!     free slot when another run holds it; private to this machine),
-//!     reached from the host by its IP;
-//!   - `huge`: asks for more memory and CPU than the host has (cheap: it
-//!     should be refused).
+//!   - `work`: on a CNI bridge (`ember-cni0` on 10.88.77.0/24, or the next
+//!     free slot when another run holds it; private to this machine); every
+//!     case that needs a running pod (two containers sharing an emptyDir,
+//!     localhost and the pod IP, reached from the host by its IP, ExecSync,
+//!     streaming Exec, logs, stats, OOM, restart, bad container input);
+//!   - `hostnet`: host network, which Ember refuses at RunPodSandbox (a VM
+//!     cannot share the node's network namespace; README "Networking");
+//!   - `huge`: asks for more memory and CPU than the host has.
+//!
+//! Neither `hostnet` nor `huge` boots a VM: both are refused first.
 //!
 //! `EMBER_E2E_CRI_HANDLER=runc` runs the same cases under runc (the harness
 //! registers both handlers), which is how the test's own expectations are
@@ -51,7 +53,7 @@ const NET_SUBNET_BASE: Ipv4Addr = Ipv4Addr::new(10, 88, 77, 0);
 const NET_BRIDGE_BASE: &str = "ember-cni";
 const NET_SLOTS: u8 = 16;
 const NET_NAME: &str = "ember-e2e";
-/// The net pod's server port (its own network namespace).
+/// The work pod's server port (its own network namespace).
 const NET_PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(60);
 /// How long a pod asking for more than the host has may take to be refused.
@@ -143,8 +145,7 @@ struct Suite<'a> {
     handler: String,
     ember: bool,
     work: Option<Pod>,
-    net: Option<Pod>,
-    /// Port of the work pod's server (host network under runc: a free one).
+    /// Port of the work pod's server.
     work_port: u16,
     /// The work pod's emptyDir on the host.
     shared: PathBuf,
@@ -191,12 +192,6 @@ impl Suite<'_> {
         self.work
             .clone()
             .ok_or_else(|| Skip("the work pod is not running".into()).into())
-    }
-
-    fn net(&self) -> Result<Pod> {
-        self.net
-            .clone()
-            .ok_or_else(|| Skip("the net pod is not running".into()).into())
     }
 
     fn new_pod(&self, name: &str, net: PodNetwork) -> Result<(api::PodSandboxConfig, PathBuf)> {
@@ -301,14 +296,6 @@ fn busybox(name: &str, attempt: u32, pod: &Pod, script: &str) -> api::ContainerC
         &["sh", "-c", script],
         &pod.config,
     )
-}
-
-/// A free TCP port on the host (for servers in the host-network pod).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(18080)
 }
 
 /// HTTP GET `/` from the host; the body.
@@ -693,8 +680,7 @@ fn cri_ember_pods() {
         handler,
         ember,
         work: None,
-        net: None,
-        work_port: if ember { 8080 } else { free_port() },
+        work_port: NET_PORT,
         shared,
         cni,
         results: Vec::new(),
@@ -717,8 +703,8 @@ fn cri_ember_pods() {
     });
 
     // -- the work pod ----------------------------------------------------------
-    s.case("work pod: RunPodSandbox (host network)", |s| {
-        let (config, log_dir) = s.new_pod("work", PodNetwork::Node)?;
+    s.case("work pod: RunPodSandbox on the CNI bridge", |s| {
+        let (config, log_dir) = s.new_pod("work", PodNetwork::Pod)?;
         let pod = s.run_pod("work", &config, &log_dir)?;
         let st = s.cri.pod_status(&pod.id)?;
         s.work = Some(pod.clone());
@@ -733,6 +719,20 @@ fn cri_ember_pods() {
             st.runtime_handler
         );
         print_sandbox_annotations(&s.cri, &pod.id);
+        let ip = s.cri.pod_ip(&pod.id)?;
+        println!("[cri_ember]   pod IP {ip}");
+        let ip: Ipv4Addr = ip.parse().with_context(|| format!("pod IP {ip:?}"))?;
+        ensure!(
+            s.cni.contains(ip),
+            "{ip} is not in {}/{}",
+            s.cni.subnet,
+            s.cni.prefix
+        );
+        ensure!(
+            s.cni.allocated().contains(&ip.to_string()),
+            "host-local has no record of {ip}: {:?}",
+            s.cni.allocated()
+        );
         Ok(())
     });
 
@@ -851,6 +851,64 @@ fn cri_ember_pods() {
             ],
         )?;
         ensure!(nc.contains("pong-from-a"), "nc got {nc:?}");
+        Ok(())
+    });
+
+    s.case("work pod: reachable from the host by its IP", |s| {
+        let pod = s.work()?;
+        let ip: Ipv4Addr = s.cri.pod_ip(&pod.id)?.parse()?;
+        let addr = SocketAddr::from((ip, s.work_port));
+        let start = Instant::now();
+        loop {
+            match http_get(addr, Duration::from_secs(5)) {
+                Ok(body) if body == "pong-from-a\n" => break,
+                r => ensure!(
+                    start.elapsed() < WAIT,
+                    "GET http://{addr}/: {r:?} ({})",
+                    s.health(&pod)
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let busybox = ember_e2e::image::busybox_path();
+        let ping = std::process::Command::new(&busybox)
+            .args(["ping", "-c", "1", "-W", "5", &ip.to_string()])
+            .output()?;
+        ensure!(
+            ping.status.success(),
+            "ping {ip}: {}{}",
+            String::from_utf8_lossy(&ping.stdout),
+            String::from_utf8_lossy(&ping.stderr)
+        );
+        // Out of the pod to its gateway (the host's bridge address), and
+        // the pod's view of itself: its IP on eth0, its hostname.
+        let b = pod.cid("client")?;
+        let out = s.exec_ok(
+            &b,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "ping -c 1 -W 5 {} >/dev/null && ip -4 addr show eth0 && hostname",
+                    s.cni.gateway
+                ),
+            ],
+        )?;
+        ensure!(
+            out.contains(&format!("inet {ip}/{}", s.cni.prefix)),
+            "the pod's eth0: {out:?}"
+        );
+        ensure!(
+            out.trim_end().ends_with(&pod.name),
+            "hostname is not {}: {out:?}",
+            pod.name
+        );
+        // The other container reaches the server by the pod IP too.
+        let got = s.exec_ok(
+            &b,
+            &["wget", "-q", "-O", "-", &format!("http://{ip}:{}/", s.work_port)],
+        )?;
+        ensure!(got == "pong-from-a\n", "wget by pod IP: {got:?}");
         Ok(())
     });
 
@@ -1302,71 +1360,38 @@ fn cri_ember_pods() {
         Ok(())
     });
 
-    // -- the net pod -----------------------------------------------------------
-    s.case("net pod: RunPodSandbox on the CNI bridge", |s| {
-        let (config, log_dir) = s.new_pod("net", PodNetwork::Pod)?;
-        let mut pod = s.run_pod("net", &config, &log_dir)?;
-        s.net = Some(pod.clone());
-        let ip = s.cri.pod_ip(&pod.id)?;
-        println!("[cri_ember]   pod IP {ip}");
-        let ip: Ipv4Addr = ip.parse().with_context(|| format!("pod IP {ip:?}"))?;
-        ensure!(
-            s.cni.contains(ip),
-            "{ip} is not in {}/{}",
-            s.cni.subnet,
-            s.cni.prefix
-        );
-        ensure!(
-            s.cni.allocated().contains(&ip.to_string()),
-            "host-local has no record of {ip}: {:?}",
-            s.cni.allocated()
-        );
-        let web = busybox(
-            "web",
-            0,
-            &pod,
-            &format!(
-                "mkdir -p /www; echo pong-from-net-pod > /www/index.html; \
-                 exec httpd -f -p {NET_PORT} -h /www"
-            ),
-        );
-        s.start(&mut pod, &web)?;
-        s.net = Some(pod);
-        Ok(())
-    });
-
-    s.case("net pod: reachable from the host by its IP", |s| {
-        let pod = s.net()?;
-        let ip: Ipv4Addr = s.cri.pod_ip(&pod.id)?.parse()?;
-        let addr = SocketAddr::from((ip, NET_PORT));
-        let start = Instant::now();
-        loop {
-            match http_get(addr, Duration::from_secs(5)) {
-                Ok(body) if body == "pong-from-net-pod\n" => break,
-                r => ensure!(
-                    start.elapsed() < WAIT,
-                    "GET http://{addr}/: {r:?} ({})",
-                    s.health(&pod)
-                ),
+    // -- host network --------------------------------------------------------------
+    s.case("bad: host-network pod", |s| {
+        let (config, _log_dir) = s.new_pod("hostnet", PodNetwork::Node)?;
+        let t0 = Instant::now();
+        let r = s.cri.run_pod_timeout(&config, &s.handler, HUGE_TIMEOUT);
+        println!(
+            "[cri_ember]   after {:.2}s: {}",
+            t0.elapsed().as_secs_f64(),
+            match &r {
+                Ok(id) => format!("accepted ({id})"),
+                Err(e) => format!("{e:#}"),
             }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let busybox = ember_e2e::image::busybox_path();
-        let ping = std::process::Command::new(&busybox)
-            .args(["ping", "-c", "1", "-W", "5", &ip.to_string()])
-            .output()?;
-        ensure!(
-            ping.status.success(),
-            "ping {ip}: {}{}",
-            String::from_utf8_lossy(&ping.stdout),
-            String::from_utf8_lossy(&ping.stderr)
         );
-        // And out of the pod to its gateway (the host's bridge address).
-        let web = pod.cid("web")?;
-        s.exec_ok(
-            &web,
-            &["ping", "-c", "1", "-W", "5", &s.cni.gateway.to_string()],
-        )?;
+        match r {
+            Ok(id) => {
+                let _ = s.cri.stop_and_remove_pod(&id);
+                ensure!(
+                    !s.ember,
+                    "a host-network pod was accepted by Ember (it must be refused)"
+                );
+                println!("[cri_ember]   ({} runs host-network pods)", s.handler);
+            }
+            Err(e) => {
+                ensure!(s.ember, "{} refused a host-network pod: {e:#}", s.handler);
+                let text = err_text(&e);
+                ensure!(
+                    text.contains("host-network pods are not supported")
+                        && text.contains("hostnetwork: false"),
+                    "unclear error: {e:#}"
+                );
+            }
+        }
         Ok(())
     });
 
@@ -1380,7 +1405,7 @@ fn cri_ember_pods() {
             * 1024;
         let host_cpus = std::thread::available_parallelism()?.get() as i64;
         let (mem, millis) = (host_mem * 4, host_cpus * 16 * 1000);
-        let (mut config, log_dir) = s.new_pod("huge", PodNetwork::Node)?;
+        let (mut config, log_dir) = s.new_pod("huge", PodNetwork::Pod)?;
         let res = api::LinuxContainerResources {
             memory_limit_in_bytes: mem,
             cpu_period: 100_000,
@@ -1462,7 +1487,7 @@ fn cri_ember_pods() {
         Ok(())
     });
 
-    s.case("other pods untouched", |s| {
+    s.case("work pod untouched by the refused pods", |s| {
         let work = s.work()?;
         for name in ["server", "client"] {
             let id = work.cid(name)?;
@@ -1484,21 +1509,18 @@ fn cri_ember_pods() {
             ],
         )?;
         ensure!(got == "pong-from-a\n", "{got:?}");
-        let net = s.net()?;
-        let ip: Ipv4Addr = s.cri.pod_ip(&net.id)?.parse()?;
-        let body = http_get(SocketAddr::from((ip, NET_PORT)), Duration::from_secs(5))
-            .with_context(|| format!("net pod at {ip}: {}", s.health(&net)))?;
-        ensure!(body == "pong-from-net-pod\n", "{body:?}");
+        let ip: Ipv4Addr = s.cri.pod_ip(&work.id)?.parse()?;
+        let body = http_get(SocketAddr::from((ip, s.work_port)), Duration::from_secs(5))
+            .with_context(|| format!("work pod at {ip}: {}", s.health(&work)))?;
+        ensure!(body == "pong-from-a\n", "{body:?}");
         let pods = s.cri.list_pods()?;
-        for p in [&work, &net] {
-            ensure!(
-                pods.iter()
-                    .any(|x| x.id == p.id && x.state == api::PodSandboxState::SandboxReady as i32),
-                "pod {} not ready: {}",
-                p.name,
-                s.health(p)
-            );
-        }
+        ensure!(
+            pods.iter()
+                .any(|x| x.id == work.id && x.state == api::PodSandboxState::SandboxReady as i32),
+            "pod {} not ready: {}",
+            work.name,
+            s.health(&work)
+        );
         Ok(())
     });
 
@@ -1507,19 +1529,19 @@ fn cri_ember_pods() {
         .iter()
         .any(|(_, _, o)| matches!(o, Outcome::Failed(_)));
     if s.ember && failed_so_far {
-        for p in [&s.work, &s.net].into_iter().flatten() {
+        for p in s.work.iter() {
             print_pod_logs(&p.id);
         }
     }
 
     // -- teardown ----------------------------------------------------------------
-    s.case("net pod: removal leaves nothing behind", |s| {
-        let pod = s.net()?;
+    s.case("work pod: removal leaves nothing behind", |s| {
+        let pod = s.work()?;
         let ip = s.cri.pod_ip(&pod.id)?;
-        s.net = None;
+        s.work = None;
         ensure!(
             pod.netns.as_deref().is_some_and(|p| p.contains("/netns/")),
-            "no network namespace recorded for the net pod: {:?}",
+            "no network namespace recorded for the work pod: {:?}",
             pod.netns
         );
         remove_and_check(s, &pod)?;
@@ -1528,17 +1550,7 @@ fn cri_ember_pods() {
             !allocated.contains(&ip),
             "{ip} still allocated by host-local: {allocated:?}"
         );
-        // The work pod does not notice.
-        if let Ok(work) = s.work() {
-            s.exec_ok(&work.cid("client")?, &["true"])?;
-        }
         Ok(())
-    });
-
-    s.case("work pod: removal leaves nothing behind", |s| {
-        let pod = s.work()?;
-        s.work = None;
-        remove_and_check(s, &pod)
     });
 
     s.case("teardown: no shims, no Ember state, no mounts", |s| {
