@@ -906,7 +906,13 @@ fn cri_ember_pods() {
         // The other container reaches the server by the pod IP too.
         let got = s.exec_ok(
             &b,
-            &["wget", "-q", "-O", "-", &format!("http://{ip}:{}/", s.work_port)],
+            &[
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{ip}:{}/", s.work_port),
+            ],
         )?;
         ensure!(got == "pong-from-a\n", "wget by pod IP: {got:?}");
         Ok(())
