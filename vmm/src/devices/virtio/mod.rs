@@ -13,6 +13,8 @@ mod log_limit;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
+pub(crate) mod test_driver;
+#[cfg(test)]
 pub(crate) mod test_utils;
 mod used_ring;
 pub mod vsock;

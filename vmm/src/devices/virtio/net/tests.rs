@@ -18,7 +18,7 @@
 //!   are skipped (with a message) where namespaces or /dev/net/tun are
 //!   unavailable.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -30,13 +30,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::super::test_driver::{DriverQueue, Next, Part, UsedChain, F_WRITE};
 use super::super::test_utils::CountingInterrupt;
 use super::super::{ActivateError, GuestMemoryMmap, VirtioDevice, TYPE_NET};
 use super::*;
@@ -47,9 +45,6 @@ const BROADCAST: [u8; 6] = [0xff; 6];
 /// IEEE "local experimental" EtherType: nothing else on the test links
 /// uses it.
 const ETHERTYPE: u16 = 0x88b5;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const QSIZE: u16 = 64;
 const MEM_SIZE: usize = 16 << 20;
 /// What Linux posts per RX buffer without offloads: header + 1518.
 const RX_BUF: u32 = (VNET_HDR_LEN + 1518) as u32;
@@ -60,132 +55,7 @@ const WAIT: Duration = Duration::from_secs(3);
 /// The header the device must put in front of every RX frame.
 const RX_HDR: [u8; VNET_HDR_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
 
-/// Where a descriptor of a hand-made chain points next.
-#[derive(Clone, Copy)]
-enum Next {
-    /// The next descriptor of the list (or none for the last one).
-    Follow,
-    /// No NEXT flag.
-    End,
-    /// NEXT to the descriptor at this position of the list (loops).
-    To(usize),
-    /// NEXT to this raw table index.
-    Raw(u16),
-}
-
-/// One descriptor of a hand-made chain: (explicit address or the slot's
-/// buffer, len, flags without NEXT, where it points next).
-type Part = (Option<u64>, u32, u16, Next);
-
-/// Descriptor indices and (addr, len) of each descriptor of a chain.
-type ChainInfo = (Vec<u16>, Vec<(u64, u32)>);
-
-/// One virtqueue seen from the driver; descriptor `i` owns the buffer at
-/// `buf_base + i * SLOT`.
-///
-/// The descriptor table is written through `MockSplitQueue`, but the
-/// available and used rings are placed and accessed here (as in
-/// vsock/tests.rs): the mock's own layout (virtio-queue 0.17) puts the used
-/// ring right after the first `len` *bytes* of the available ring, so the
-/// two overlap once more than half the queue has been made available.
-struct Vq {
-    q: MockSplitQueue<'static, GuestMemoryMmap>,
-    mem: &'static GuestMemoryMmap,
-    avail_addr: u64,
-    used_addr: u64,
-    buf_base: u64,
-    free: Vec<u16>,
-    /// head -> (descriptor indices, (addr, len) of each descriptor)
-    chains: HashMap<u16, ChainInfo>,
-    last_used: u16,
-}
-
-impl Vq {
-    fn new(mem: &'static GuestMemoryMmap, addr: u64, buf_base: u64) -> Self {
-        let q = MockSplitQueue::create(mem, GuestAddress(addr), QSIZE);
-        let avail_addr = addr + 16 * u64::from(QSIZE);
-        let used_addr = avail_addr + 0x400;
-        Self {
-            q,
-            mem,
-            avail_addr,
-            used_addr,
-            buf_base,
-            free: (0..QSIZE).rev().collect(),
-            chains: HashMap::new(),
-            last_used: 0,
-        }
-    }
-
-    fn buf(&self, desc: u16) -> u64 {
-        self.buf_base + u64::from(desc) * SLOT
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q: Queue = self.q.create_queue().unwrap();
-        q.set_avail_ring_address(Some(self.avail_addr as u32), Some(0));
-        q.set_used_ring_address(Some(self.used_addr as u32), Some(0));
-        q
-    }
-
-    /// Writes a chain's descriptors: each part is (explicit address or the
-    /// slot's buffer, len, flags without NEXT, where it points next).
-    /// Returns the descriptor indices, or None if the table is full.
-    fn reserve(&mut self, parts: &[Part]) -> Option<Vec<u16>> {
-        if self.free.len() < parts.len() {
-            return None;
-        }
-        let idx: Vec<u16> = (0..parts.len()).map(|_| self.free.pop().unwrap()).collect();
-        let mut segs = Vec::new();
-        for (i, &(addr, len, flags, next)) in parts.iter().enumerate() {
-            let addr = addr.unwrap_or(self.buf(idx[i]));
-            let (flags, next) = match next {
-                Next::Follow if i + 1 < parts.len() => (flags | F_NEXT, idx[i + 1]),
-                Next::Follow | Next::End => (flags, 0),
-                Next::To(k) => (flags | F_NEXT, idx[k]),
-                Next::Raw(n) => (flags | F_NEXT, n),
-            };
-            self.q
-                .desc_table()
-                .store(
-                    idx[i],
-                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
-                )
-                .unwrap();
-            segs.push((addr, len));
-        }
-        self.chains.insert(idx[0], (idx.clone(), segs));
-        Some(idx)
-    }
-
-    fn push_avail(&mut self, head: u16) {
-        let idx_addr = GuestAddress(self.avail_addr + 2);
-        let i: u16 = self.mem.read_obj(idx_addr).unwrap();
-        let slot = self.avail_addr + 4 + 2 * u64::from(i % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem.write_obj(i.wrapping_add(1), idx_addr).unwrap();
-        std::sync::atomic::fence(Ordering::SeqCst);
-    }
-
-    /// New used entries: (segments of the chain, used len).
-    fn take_used(&mut self) -> Vec<(Vec<(u64, u32)>, u32)> {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.used_addr + 2)).unwrap();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let mut out = Vec::new();
-        while self.last_used != idx {
-            let e = self.used_addr + 4 + 8 * u64::from(self.last_used % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
-            self.last_used = self.last_used.wrapping_add(1);
-            let (descs, segs) = self.chains.remove(&(id as u16)).expect("used id is a head");
-            self.free.extend(descs);
-            out.push((segs, len));
-        }
-        out
-    }
-}
+type Vq = DriverQueue;
 
 /// The fake guest driver.
 struct Guest {
@@ -204,8 +74,8 @@ impl Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         // Leaked so the mock queues can borrow it for 'static (tests only).
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(mem));
-        let rx = Vq::new(mem, 0x0, 0x10_0000);
-        let tx = Vq::new(mem, 0x4000, 0x20_0000);
+        let rx = Vq::new(mem, 0x0, 0x10_0000, SLOT);
+        let tx = Vq::new(mem, 0x4000, 0x20_0000, SLOT);
         let queues = vec![rx.queue(), tx.queue()];
         let kicks: Vec<EventFd> = (0..2)
             .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
@@ -308,7 +178,7 @@ impl Guest {
         let deadline = Instant::now() + WAIT;
         let mut out = Vec::new();
         while out.len() < n {
-            out.extend(self.tx.take_used().into_iter().map(|(_, len)| len));
+            out.extend(self.tx.take_used().into_iter().map(|u| u.len));
             assert!(
                 Instant::now() < deadline,
                 "device returned {} of {n} TX chains",
@@ -324,7 +194,7 @@ impl Guest {
         let deadline = Instant::now() + WAIT;
         let mut out = Vec::new();
         while out.len() < n {
-            for (segs, len) in self.rx.take_used() {
+            for UsedChain { segs, len, .. } in self.rx.take_used() {
                 let mut data = Vec::new();
                 let mut left = len as usize;
                 for (addr, seg_len) in segs {

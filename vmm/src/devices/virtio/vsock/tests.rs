@@ -8,156 +8,31 @@
 //! device PUTS packets for the guest into the RX queue and READS the
 //! guest's packets from the TX queue. The host side is plain Unix sockets.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::super::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_VSOCK};
+use super::super::test_driver::{DriverQueue, Next, UsedChain, F_WRITE, QSIZE};
+use super::super::test_utils::CountingInterrupt;
+use super::super::{GuestMemoryMmap, VirtioDevice, TYPE_VSOCK};
 use super::csm::BUF_ALLOC;
 use super::muxer::HOST_PORT_FIRST;
 use super::packet::*;
 use super::{connect_hybrid_timeout, ConnectError, Vsock, VsockError, VsockTimeouts};
 
 const CID: u64 = 42;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const QSIZE: u16 = 64;
 const MEM_SIZE: usize = 16 << 20;
 const RX_DATA: u32 = 4096;
 const WAIT: Duration = Duration::from_secs(3);
 
-struct CountingIrq(AtomicUsize);
-
-impl VirtioInterrupt for CountingIrq {
-    fn trigger(&self, _status: u32) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-/// One virtqueue seen from the driver; descriptor `i` owns the buffer at
-/// `buf_base + i * slot`.
-///
-/// The descriptor table is written through `MockSplitQueue`, but the
-/// available and used rings are placed and accessed here: the mock's own
-/// ring layout (virtio-queue 0.17) puts the used ring right after the first
-/// `len` *bytes* of the available ring, so the two overlap once more than
-/// half the queue has been made available.
-struct Vq {
-    q: MockSplitQueue<'static, GuestMemoryMmap>,
-    mem: &'static GuestMemoryMmap,
-    avail_addr: u64,
-    used_addr: u64,
-    buf_base: u64,
-    slot: u64,
-    free: Vec<u16>,
-    chains: HashMap<u16, Vec<u16>>,
-    last_used: u16,
-}
-
-impl Vq {
-    fn new(mem: &'static GuestMemoryMmap, addr: u64, buf_base: u64, slot: u64) -> Self {
-        let q = MockSplitQueue::create(mem, GuestAddress(addr), QSIZE);
-        let avail_addr = addr + 16 * u64::from(QSIZE);
-        let used_addr = avail_addr + 0x400;
-        Self {
-            q,
-            mem,
-            avail_addr,
-            used_addr,
-            buf_base,
-            slot,
-            free: (0..QSIZE).rev().collect(),
-            chains: HashMap::new(),
-            last_used: 0,
-        }
-    }
-
-    fn buf(&self, desc: u16) -> u64 {
-        self.buf_base + u64::from(desc) * self.slot
-    }
-
-    /// Publishes a chain; each part is (explicit address or the slot's
-    /// buffer, len, flags). Returns the descriptor indices used.
-    fn publish(&mut self, parts: &[(Option<u64>, u32, u16)]) -> Option<Vec<u16>> {
-        let idx = self.reserve(parts)?;
-        self.push_avail(idx[0]);
-        Some(idx)
-    }
-
-    /// Writes a chain's descriptors without making it available yet.
-    fn reserve(&mut self, parts: &[(Option<u64>, u32, u16)]) -> Option<Vec<u16>> {
-        if self.free.len() < parts.len() {
-            return None;
-        }
-        let idx: Vec<u16> = (0..parts.len()).map(|_| self.free.pop().unwrap()).collect();
-        for (i, (addr, len, flags)) in parts.iter().enumerate() {
-            let last = i + 1 == parts.len();
-            let addr = addr.unwrap_or(self.buf(idx[i]));
-            let (flags, next) = if last {
-                (*flags, 0)
-            } else {
-                (*flags | F_NEXT, idx[i + 1])
-            };
-            self.q
-                .desc_table()
-                .store(
-                    idx[i],
-                    RawDescriptor::from(SplitDescriptor::new(addr, *len, flags, next)),
-                )
-                .unwrap();
-        }
-        self.chains.insert(idx[0], idx.clone());
-        Some(idx)
-    }
-
-    fn queue(&self) -> Queue {
-        use virtio_queue::QueueT;
-        let mut q: Queue = self.q.create_queue().unwrap();
-        q.set_avail_ring_address(Some(self.avail_addr as u32), Some(0));
-        q.set_used_ring_address(Some(self.used_addr as u32), Some(0));
-        q
-    }
-
-    fn push_avail(&mut self, head: u16) {
-        let idx_addr = GuestAddress(self.avail_addr + 2);
-        let i: u16 = self.mem.read_obj(idx_addr).unwrap();
-        let slot = self.avail_addr + 4 + 2 * u64::from(i % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem.write_obj(i.wrapping_add(1), idx_addr).unwrap();
-        std::sync::atomic::fence(Ordering::SeqCst);
-    }
-
-    /// New used entries: (descriptor indices of the chain, used len).
-    fn take_used(&mut self) -> Vec<(Vec<u16>, u32)> {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.used_addr + 2)).unwrap();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let mut out = Vec::new();
-        while self.last_used != idx {
-            let e = self.used_addr + 4 + 8 * u64::from(self.last_used % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
-            self.last_used = self.last_used.wrapping_add(1);
-            let chain = self.chains.remove(&(id as u16)).unwrap_or_default();
-            self.free.extend(chain.iter().copied());
-            out.push((chain, len));
-        }
-        out
-    }
-}
+type Vq = DriverQueue;
 
 /// The fake guest driver.
 struct Guest {
@@ -166,7 +41,7 @@ struct Guest {
     tx: Vq,
     ev: Vq,
     kicks: Vec<EventFd>,
-    irq: Arc<CountingIrq>,
+    irq: Arc<CountingInterrupt>,
     inbox: VecDeque<(Header, Vec<u8>)>,
     /// Re-offer an RX buffer for each one consumed.
     refill: bool,
@@ -186,7 +61,7 @@ impl Guest {
             .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
             .collect();
         let dev_evts = kicks.iter().map(|e| e.try_clone().unwrap()).collect();
-        let irq = Arc::new(CountingIrq(AtomicUsize::new(0)));
+        let irq = CountingInterrupt::new();
         dev.activate(mem.clone(), irq.clone(), queues, dev_evts)
             .unwrap();
         Guest {
@@ -260,7 +135,7 @@ impl Guest {
         let deadline = Instant::now() + WAIT;
         loop {
             self.reclaim_tx();
-            if let Some(idx) = self.tx.reserve(parts) {
+            if let Some(idx) = self.tx.reserve_linked(parts) {
                 return idx;
             }
             assert!(
@@ -289,7 +164,10 @@ impl Guest {
     fn poll_rx(&mut self) {
         let used = self.rx.take_used();
         let mut consumed = 0;
-        for (chain, len) in used {
+        for UsedChain {
+            descs: chain, len, ..
+        } in used
+        {
             consumed += 1;
             if len == 0 || chain.len() != 2 {
                 continue;
@@ -458,7 +336,7 @@ fn host_connect_request_response_and_data() {
     let mut buf = [0u8; 10];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"hello host");
-    assert!(g.irq.0.load(Ordering::SeqCst) > 0, "guest was interrupted");
+    assert!(g.irq.count() > 0, "guest was interrupted");
 
     // A second host connection gets another local port.
     let (_s2, local2) = establish_host_initiated(&mut g, &path, 1234);
@@ -644,7 +522,7 @@ fn bulk_data_both_ways_respects_credit() {
             progress = true;
         }
         let credit = dev_buf as usize - (sent - dev_fwd as usize);
-        if sent < TOTAL && credit > 0 && g.tx.free.len() >= 2 {
+        if sent < TOTAL && credit > 0 && g.tx.free_descriptors() >= 2 {
             let n = credit.min(16 * 1024).min(TOTAL - sent);
             let chunk: Vec<u8> = (sent..sent + n).map(|i| pattern(i, 2)).collect();
             let mut h = hdr;
@@ -862,32 +740,18 @@ fn malformed_chains_and_garbage_headers() {
     g.send_raw_hdr(h, b"tiny");
     // A descriptor loop: a -> b -> a.
     {
-        let a = g.tx.free.pop().unwrap();
-        let b = g.tx.free.pop().unwrap();
-        let hdr_bytes = g.hdr(OP_RW, 20, local);
-        let mut hl = hdr_bytes;
+        let idx =
+            g.tx.reserve(&[
+                (None, HDR_SIZE as u32, 0, Next::Follow),
+                (None, 4, 0, Next::To(0)),
+            ])
+            .unwrap();
+        let mut hl = g.hdr(OP_RW, 20, local);
         hl.len = 8;
         g.mem
-            .write_slice(&hl.to_bytes(), GuestAddress(g.tx.buf(a)))
+            .write_slice(&hl.to_bytes(), GuestAddress(g.tx.buf(idx[0])))
             .unwrap();
-        let dt = g.tx.q.desc_table();
-        dt.store(
-            a,
-            RawDescriptor::from(SplitDescriptor::new(
-                g.tx.buf(a),
-                HDR_SIZE as u32,
-                F_NEXT,
-                b,
-            )),
-        )
-        .unwrap();
-        dt.store(
-            b,
-            RawDescriptor::from(SplitDescriptor::new(g.tx.buf(b), 4, F_NEXT, a)),
-        )
-        .unwrap();
-        g.tx.chains.insert(a, vec![a, b]);
-        g.tx.push_avail(a);
+        g.tx.push_avail(idx[0]);
         g.kicks[1].write(1).unwrap();
     }
     // A head index out of the table.
@@ -1036,7 +900,10 @@ fn transport_reset_event() {
     let deadline = Instant::now() + WAIT;
     loop {
         let used = g.ev.take_used();
-        if let Some((chain, len)) = used.first() {
+        if let Some(UsedChain {
+            descs: chain, len, ..
+        }) = used.first()
+        {
             assert_eq!(*len, 4);
             let id: u32 = g.mem.read_obj(GuestAddress(g.ev.buf(chain[0]))).unwrap();
             assert_eq!(id, EVENT_TRANSPORT_RESET);
