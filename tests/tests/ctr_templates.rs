@@ -246,7 +246,23 @@ fn pods_restore_from_a_template_and_a_bad_one_falls_back() {
         return;
     }
     let t_all = Instant::now();
-    let opts = Options::with_ember().expect("containerd-shim-ember-v2 is built");
+    let mut opts = Options::with_ember().expect("containerd-shim-ember-v2 is built");
+    // Private copies of the guest kernel and initrd: a rebuild of the
+    // shared ones during the run would (rightly) change the template
+    // identity between pods.
+    let artifacts = tempfile::tempdir().expect("temp dir");
+    let (kernel, initrd) = ember_e2e::artifacts();
+    let (k, i) = (
+        artifacts.path().join("vmlinux"),
+        artifacts.path().join("initrd.img"),
+    );
+    std::fs::copy(&kernel, &k).expect("copying the kernel");
+    std::fs::copy(&initrd, &i).expect("copying the initrd");
+    opts.ember_config = Some(format!(
+        "kernel = {:?}\ninitrd = {:?}\n",
+        k.display().to_string(),
+        i.display().to_string()
+    ));
     let ctrd = Containerd::start(opts).expect("containerd starts");
     let pods = Pods { ctrd: &ctrd };
     let result = cases(&pods);

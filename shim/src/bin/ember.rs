@@ -7,6 +7,8 @@
 //! ember check                  check KVM, guest kernel and initrd, CPU template, state dir
 //! ember bench boot [--count N] [--vcpus N] [--mem MIB]
 //!                              boot N VMs one after another and report each phase
+//! ember bench template [--count N] [--vcpus N] [--mem MIB]
+//!                              N pods cold vs N pods from a template: ready time, PSS
 //! ember templates [list]       list the VM templates, their sizes and the total
 //! ember templates drop ID|--all
 //!                              remove one template, or all of them
@@ -23,6 +25,7 @@ use ember_shim::resources::sizing::VmSize;
 use ember_shim::sandbox::agent::Agent;
 use ember_shim::sandbox::boot::boot_vm;
 use ember_shim::sandbox::paths::SandboxPaths;
+use ember_shim::sandbox::template::{self, Launched};
 use ember_shim::sandbox::{vm_config, SandboxSetup};
 use ember_vmm::snapshot::store::TemplateStore;
 use ember_vmm::timing::fmt_duration;
@@ -34,6 +37,12 @@ const USAGE: &str = "usage:
                                boot N VMs one after another (no containerd): time to
                                first guest instruction, kernel to init, agent ready,
                                shutdown, and this process' memory per VM
+  ember bench template [--count N] [--vcpus N] [--mem MIB]
+                               the shim's pod start path, side by side: N pods booted
+                               cold (templates off), then N pods with templates on
+                               (the first makes a fresh template, in a temporary dir):
+                               sandbox-ready time of each, host memory (PSS) of the N
+                               idle VMs of each kind
   ember templates [list]       list the VM templates (template_dir): identity, size on
                                disk, total; `*` marks the one of a default-sized pod
   ember templates drop ID|--all
@@ -50,6 +59,7 @@ fn main() -> ExitCode {
         ["config"] => cmd_config(),
         ["check"] => cmd_check(),
         ["bench", "boot", rest @ ..] => cmd_bench_boot(rest),
+        ["bench", "template", rest @ ..] => cmd_bench_template(rest),
         ["templates"] | ["templates", "list"] => cmd_templates_list(),
         ["templates", "drop", "--all"] => cmd_templates_drop(None),
         ["templates", "drop", id] if !id.starts_with('-') => cmd_templates_drop(Some(id)),
@@ -395,6 +405,182 @@ async fn bench_boot_and_stop(
     );
     tracing::debug!("VM {i} ended: {reason}");
     Ok(report.agent_ready)
+}
+
+/// Proportional set size of this process (shared pages divided among
+/// their mappings), from /proc/self/smaps_rollup.
+fn pss() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// One benchmark pod: its state dir and VM, started by the shim's own
+/// path ([`template::boot_or_restore`]).
+struct BenchPod {
+    paths: SandboxPaths,
+    launched: Option<Launched>,
+}
+
+async fn bench_pod(config: &Config, size: VmSize, name: &str) -> Result<BenchPod> {
+    let paths = SandboxPaths::new(
+        &config.state_dir.join("bench"),
+        &std::process::id().to_string(),
+        name,
+    );
+    std::fs::create_dir_all(&paths.shared)
+        .with_context(|| format!("creating {}", paths.shared.display()))?;
+    let setup = SandboxSetup {
+        namespace: "bench".into(),
+        id: name.into(),
+        size,
+        kernel_params: None,
+        netns: None,
+    };
+    let vm_cfg = vm_config(config, &paths, &setup);
+    let launched = template::boot_or_restore(config, vm_cfg, name).await;
+    let mut pod = BenchPod {
+        paths,
+        launched: None,
+    };
+    match launched {
+        Ok(l) => {
+            pod.launched = Some(l);
+            Ok(pod)
+        }
+        Err(e) => {
+            pod.stop(config).await;
+            Err(anyhow::Error::from(e).context(format!("pod {name}")))
+        }
+    }
+}
+
+impl BenchPod {
+    async fn stop(mut self, config: &Config) {
+        if let Some(l) = self.launched.take() {
+            let agent = Agent::new(l.booted.agent, config.agent_timeout());
+            let _ = agent.shutdown(Duration::from_secs(10)).await;
+            drop(agent);
+            let vm = l.booted.vm;
+            let _ = tokio::time::timeout(Duration::from_secs(30), vm.wait()).await;
+            vm.shutdown().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.paths.state_dir);
+    }
+}
+
+fn cmd_bench_template(args: &[&str]) -> Result<ExitCode> {
+    let bench = parse_bench_args(args)?;
+    let (config, source) = Config::load()?;
+    ember_shim::logging::init_cli("warn");
+    let size = VmSize {
+        vcpus: bench.vcpus.unwrap_or(config.default_vcpus),
+        mem_mib: bench.mem_mib.unwrap_or(config.default_memory_mib),
+    };
+    let n = bench.count as usize;
+    let bench_dir = config
+        .state_dir
+        .join("bench")
+        .join(std::process::id().to_string());
+    let cold_cfg = Config {
+        templates: false,
+        ..config.clone()
+    };
+    let tmpl_cfg = Config {
+        templates: true,
+        template_dir: bench_dir.join("templates"),
+        ..config.clone()
+    };
+    println!(
+        "# ember bench template: {n} pod(s) cold, then {n} with templates; {} vCPU, {} MiB, kernel {}, config {source}",
+        size.vcpus,
+        size.mem_mib,
+        config.kernel.display()
+    );
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let result = rt.block_on(async {
+        let mut ready = Vec::new();
+        let base = pss();
+        let mut pods = Vec::new();
+        for i in 0..n {
+            let pod = bench_pod(&cold_cfg, size, &format!("cold{i}")).await?;
+            if let Some(l) = &pod.launched {
+                println!("cold {i}: {}", l.report);
+                ready.push((l.report.total, Duration::ZERO, String::new()));
+            }
+            pods.push(pod);
+        }
+        let cold_pss = pss().saturating_sub(base);
+        for pod in pods.drain(..) {
+            pod.stop(&cold_cfg).await;
+        }
+        let base = pss();
+        for i in 0..n {
+            let pod = bench_pod(&tmpl_cfg, size, &format!("tmpl{i}")).await?;
+            if let Some(l) = &pod.launched {
+                println!("template {i}: {}", l.report);
+                if let Some(r) = ready.get_mut(i) {
+                    r.1 = l.report.total;
+                    r.2 = match &l.report.origin {
+                        template::Origin::Cold => "cold (template unusable)".into(),
+                        template::Origin::Restored { created: true, .. } => {
+                            "made the template, restored".into()
+                        }
+                        template::Origin::Restored { .. } => "restored".into(),
+                    };
+                }
+            }
+            pods.push(pod);
+        }
+        let tmpl_pss = pss().saturating_sub(base);
+        let store = TemplateStore::new(&tmpl_cfg.template_dir);
+        let template_disk = store.disk_bytes();
+        for pod in pods.drain(..) {
+            pod.stop(&tmpl_cfg).await;
+        }
+        println!();
+        println!("sandbox ready (shim path: VM up, agent answering, clock/entropy/hostname set):");
+        println!("pod  cold-boot  with-template  ");
+        for (i, (c, t, how)) in ready.iter().enumerate() {
+            println!(
+                "{i:<4} {:>9}  {:>13}  {how}",
+                fmt_duration(Some(*c)),
+                fmt_duration(Some(*t))
+            );
+        }
+        let restores: Vec<Duration> = ready.iter().skip(1).map(|r| r.1).collect();
+        if !restores.is_empty() {
+            let avg_cold = ready.iter().map(|r| r.0).sum::<Duration>() / ready.len() as u32;
+            let avg_restore = restores.iter().sum::<Duration>() / restores.len() as u32;
+            println!(
+                "# average: cold boot {}, restore from the template {}",
+                fmt_duration(Some(avg_cold)),
+                fmt_duration(Some(avg_restore))
+            );
+        }
+        println!(
+            "# host memory (PSS) of {n} idle VMs: cold {} ({} per VM), from the template {} ({} per VM); template on disk {}",
+            mib(cold_pss),
+            mib(cold_pss / n as u64),
+            mib(tmpl_pss),
+            mib(tmpl_pss / n as u64),
+            mib(template_disk)
+        );
+        Ok::<_, anyhow::Error>(())
+    });
+    let _ = std::fs::remove_dir_all(&bench_dir);
+    if let Some(dir) = bench_dir.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    result?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -51,7 +51,8 @@ pub enum Origin {
 #[derive(Debug, Clone)]
 pub struct LaunchReport {
     pub origin: Origin,
-    /// Hashing kernel and initrd into the template identity.
+    /// Computing the template identity (hashing kernel and initrd unless
+    /// their digests are cached).
     pub identity: Option<Duration>,
     /// Waiting for another pod making the same template.
     pub lock_wait: Option<Duration>,
@@ -170,17 +171,21 @@ async fn from_template(
 ) -> Result<BootedVm, BootError> {
     let t = Instant::now();
     let cfg = vm_config.clone();
-    let identity = match tokio::task::spawn_blocking(move || TemplateStore::identity(&cfg)).await {
-        Ok(Ok(id)) => id,
-        Ok(Err(e)) => {
-            tracing::warn!("no VM template (cannot compute its identity: {e}); booting cold");
-            return cold(config, vm_config, hostname, report).await;
-        }
-        Err(e) => {
-            tracing::warn!("no VM template (identity task: {e}); booting cold");
-            return cold(config, vm_config, hostname, report).await;
-        }
-    };
+    let dir = config.template_dir.clone();
+    let identity =
+        match tokio::task::spawn_blocking(move || TemplateStore::new(dir).cached_identity(&cfg))
+            .await
+        {
+            Ok(Ok(id)) => id,
+            Ok(Err(e)) => {
+                tracing::warn!("no VM template (cannot compute its identity: {e}); booting cold");
+                return cold(config, vm_config, hostname, report).await;
+            }
+            Err(e) => {
+                tracing::warn!("no VM template (identity task: {e}); booting cold");
+                return cold(config, vm_config, hostname, report).await;
+            }
+        };
     report.identity = Some(t.elapsed());
     let store = TemplateStore::new(&config.template_dir);
 

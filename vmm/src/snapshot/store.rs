@@ -25,6 +25,9 @@ pub struct TemplateInfo {
     pub disk_bytes: u64,
 }
 
+/// Directory of the store holding remembered file digests.
+const DIGEST_CACHE: &str = ".digests";
+
 pub struct TemplateStore {
     dir: PathBuf,
 }
@@ -36,16 +39,70 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
-fn hash_file(h: &mut Sha256, path: &Path) -> Result<(), SnapshotError> {
+fn file_digest(path: &Path) -> Result<[u8; 32], SnapshotError> {
+    let mut h = Sha256::new();
     let mut f = File::open(path).map_err(io_err(path))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(io_err(path))?;
         if n == 0 {
-            return Ok(());
+            return Ok(h.finalize().into());
         }
         h.update(&buf[..n]);
     }
+}
+
+/// What identifies a file's content without reading it, as git's index
+/// does: path, device, inode, size, modification and change times. Any
+/// rewrite or replacement of the file changes it.
+fn stat_key(path: &Path) -> Result<String, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    h.update(path.as_os_str().as_encoded_bytes());
+    for v in [m.dev(), m.ino(), m.size()] {
+        h.update(v.to_le_bytes());
+    }
+    for v in [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()] {
+        h.update(v.to_le_bytes());
+    }
+    Ok(hex(&h.finalize()[..16]))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of a file's content, from `cache` (a directory of
+/// `<stat key>` files holding digests) when the file is unchanged since it
+/// was last hashed; hashing a kernel costs about a second on a slow host,
+/// a restore well under one.
+fn cached_digest(path: &Path, cache: Option<&Path>) -> Result<[u8; 32], SnapshotError> {
+    let Some(cache) = cache else {
+        return file_digest(path);
+    };
+    let key = stat_key(path)?;
+    let entry = cache.join(&key);
+    if let Ok(text) = std::fs::read_to_string(&entry) {
+        let bytes: Option<Vec<u8>> = (0..text.len() / 2)
+            .map(|i| {
+                text.get(2 * i..2 * i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+            })
+            .collect();
+        if let Some(Ok(digest)) = bytes.map(<[u8; 32]>::try_from) {
+            return Ok(digest);
+        }
+    }
+    let digest = file_digest(path)?;
+    // Best effort: a cache that cannot be written only costs time.
+    if std::fs::create_dir_all(cache).is_ok() {
+        let tmp = cache.join(format!(".{key}.{}", std::process::id()));
+        if std::fs::write(&tmp, hex(&digest)).is_ok() && std::fs::rename(&tmp, &entry).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(digest)
 }
 
 fn disk_usage(path: &Path) -> u64 {
@@ -76,11 +133,22 @@ impl TemplateStore {
     /// view (kernel, initrd, command line, vCPUs, memory, CPU template,
     /// device list) does, and so does the snapshot format version.
     pub fn identity(config: &VmConfig) -> Result<String, SnapshotError> {
+        Self::identity_with(config, None)
+    }
+
+    /// [`Self::identity`], reusing the content digests of kernel and initrd
+    /// remembered in this store (`.digests/`) while the files are
+    /// unchanged.
+    pub fn cached_identity(&self, config: &VmConfig) -> Result<String, SnapshotError> {
+        Self::identity_with(config, Some(&self.dir.join(DIGEST_CACHE)))
+    }
+
+    fn identity_with(config: &VmConfig, cache: Option<&Path>) -> Result<String, SnapshotError> {
         let mut h = Sha256::new();
         h.update(FORMAT_VERSION.to_le_bytes());
-        hash_file(&mut h, &config.kernel)?;
+        h.update(cached_digest(&config.kernel, cache)?);
         if let Some(initrd) = &config.initrd {
-            hash_file(&mut h, initrd)?;
+            h.update(cached_digest(initrd, cache)?);
         }
         h.update(config.cmdline_extra.as_bytes());
         h.update([config.vcpus]);
@@ -217,6 +285,38 @@ mod tests {
         );
         a.kernel = dir.path().join("missing");
         assert!(TemplateStore::identity(&a).is_err());
+    }
+
+    #[test]
+    fn the_cached_identity_follows_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel v1").unwrap();
+        let mut config = VmConfig::new(&kernel);
+        config.cpu_template = crate::CpuTemplate::Host;
+        let store = TemplateStore::new(dir.path().join("templates"));
+        let plain = TemplateStore::identity(&config).unwrap();
+        assert_eq!(store.cached_identity(&config).unwrap(), plain);
+        assert_eq!(
+            store.cached_identity(&config).unwrap(),
+            plain,
+            "from the cache"
+        );
+        assert!(
+            store.list().is_empty(),
+            "the digest cache is not a template"
+        );
+        // A rewrite of the same size changes the change time at least.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&kernel, b"kernel v2").unwrap();
+        let changed = store.cached_identity(&config).unwrap();
+        assert_ne!(changed, plain);
+        assert_eq!(changed, TemplateStore::identity(&config).unwrap());
+        // A corrupted cache entry is recomputed.
+        for e in std::fs::read_dir(dir.path().join("templates/.digests")).unwrap() {
+            std::fs::write(e.unwrap().path(), b"zz").unwrap();
+        }
+        assert_eq!(store.cached_identity(&config).unwrap(), changed);
     }
 
     #[test]
