@@ -23,13 +23,14 @@
 //! so later pods boot cold instead of making it again.
 
 use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ember_vmm::snapshot::store::TemplateStore;
 use ember_vmm::timing::fmt_duration;
-use ember_vmm::{SnapshotFiles, Vm, VmConfig};
+use ember_vmm::{SnapshotFiles, Vm, VmConfig, VmError};
 
 use super::boot::{self, await_agent, personalize, start_vm, BootError, BootReport, BootedVm};
 use crate::config::Config;
@@ -200,11 +201,9 @@ async fn from_template(
                 return Ok(booted);
             }
             Err(e) => {
-                tracing::error!(
-                    template = %identity,
-                    "VM template refused: {e:#}; discarding it and booting this pod cold"
-                );
-                discard(&store, &identity);
+                if !refuse(&store, &identity, &e) {
+                    return cold(config, vm_config, hostname, report).await;
+                }
             }
         }
     }
@@ -241,11 +240,7 @@ async fn from_template(
                 Ok(booted)
             }
             Err(e) => {
-                tracing::error!(
-                    template = %identity,
-                    "VM template refused: {e:#}; discarding it and booting this pod cold"
-                );
-                discard(&store, &identity);
+                refuse(&store, &identity, &e);
                 cold(config, vm_config, hostname, report).await
             }
         };
@@ -277,14 +272,15 @@ async fn from_template(
             Ok(booted)
         }
         Err(e) => {
-            tracing::error!(
-                template = %identity,
-                "the VM template just made cannot be restored: {e:#}; discarding it, \
-                 marking its identity broken, booting this pod cold"
-            );
-            discard(&store, &identity);
-            if let Err(e) = File::create(broken_marker(&store, &identity)) {
-                tracing::warn!("marking template {identity} broken: {e}");
+            if refuse(&store, &identity, &e) {
+                tracing::error!(
+                    template = %identity,
+                    "the template was made moments ago: marking its identity broken, \
+                     later pods boot cold until `ember templates drop`"
+                );
+                if let Err(e) = File::create(broken_marker(&store, &identity)) {
+                    tracing::warn!("marking template {identity} broken: {e}");
+                }
             }
             cold(config, vm_config, hostname, report).await
         }
@@ -328,6 +324,70 @@ async fn make_template(
     Ok(files)
 }
 
+/// Why a restore failed.
+#[derive(Debug)]
+enum RestoreError {
+    /// The template, or the guest in it, is unusable: discard it.
+    Template(anyhow::Error),
+    /// This pod's own host resources (socket, share, tap, console log) or
+    /// the host's KVM: the template is not at fault and is kept.
+    Pod(anyhow::Error),
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreError::Template(e) | RestoreError::Pod(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl From<VmError> for RestoreError {
+    fn from(e: VmError) -> Self {
+        let pod_side = matches!(
+            e,
+            VmError::Config(_)
+                | VmError::Kvm(_)
+                | VmError::ConsoleLog { .. }
+                | VmError::Vsock(_)
+                | VmError::Net { .. }
+                | VmError::Fs { .. }
+                | VmError::OutOfIrqs
+                | VmError::Io { .. }
+                | VmError::Join(_)
+        );
+        let e = anyhow::Error::from(e).context("restoring the VM");
+        if pod_side {
+            RestoreError::Pod(e)
+        } else {
+            RestoreError::Template(e)
+        }
+    }
+}
+
+/// Logs why a template could not be used and discards it if it is at
+/// fault. Returns whether it was discarded.
+fn refuse(store: &TemplateStore, identity: &str, e: &RestoreError) -> bool {
+    match e {
+        RestoreError::Template(_) => {
+            tracing::error!(
+                template = %identity,
+                "VM template refused: {e}; discarding it and booting this pod cold"
+            );
+            discard(store, identity);
+            true
+        }
+        RestoreError::Pod(_) => {
+            tracing::error!(
+                template = %identity,
+                "restoring the pod's VM from its template failed on the pod's own resources: {e}; \
+                 booting cold (the template is kept)"
+            );
+            false
+        }
+    }
+}
+
 /// Restores a VM from `files`, waits for its agent and makes it the pod's
 /// own. Anything short of a usable guest is an error, and the VM is gone.
 async fn restore(
@@ -337,13 +397,11 @@ async fn restore(
     identity: &str,
     hostname: &str,
     report: &mut LaunchReport,
-) -> anyhow::Result<BootedVm> {
-    let uds = boot::vsock_path(vm_config)?;
+) -> Result<BootedVm, RestoreError> {
+    let uds = boot::vsock_path(vm_config).map_err(|e| RestoreError::Pod(e.into()))?;
     let console = vm_config.console_log.clone();
     let started = Instant::now();
-    let vm = Vm::restore(vm_config.clone(), files, identity.to_string())
-        .await
-        .context("restoring the VM")?;
+    let vm = Vm::restore(vm_config.clone(), files, identity.to_string()).await?;
     report.restore = Some(started.elapsed());
     let (vm, agent) = await_agent(
         vm,
@@ -353,7 +411,9 @@ async fn restore(
         config.template_restore_timeout(),
     )
     .await
-    .context("the restored guest's agent")?;
+    .map_err(|e| {
+        RestoreError::Template(anyhow::Error::from(e).context("the restored guest's agent"))
+    })?;
     let agent_ready = started.elapsed();
     report.restore_agent = Some(agent_ready);
     let t = Instant::now();
@@ -364,7 +424,9 @@ async fn restore(
         // random stream with every other pod of the template.
         drop(agent);
         vm.shutdown().await;
-        return Err(first.context("making the restored guest the pod's own"));
+        return Err(RestoreError::Template(
+            first.context("making the restored guest the pod's own"),
+        ));
     }
     let booted_report = BootReport {
         cpu_template: vm.cpu_template(),
@@ -420,7 +482,11 @@ async fn lock(
     identity: &str,
     timeout: Duration,
 ) -> anyhow::Result<TemplateLock> {
-    std::fs::create_dir_all(store.dir())
+    // Templates hold guest memory: only root reads them.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(store.dir())
         .with_context(|| format!("creating {}", store.dir().display()))?;
     let path = store.dir().join(format!(".lock-{identity}"));
     let deadline = Instant::now() + timeout;
@@ -462,6 +528,20 @@ mod tests {
         drop(held);
         lock(&store, "abc", Duration::from_secs(1)).await.unwrap();
         assert!(store.list().is_empty(), "lock files are not templates");
+    }
+
+    #[test]
+    fn only_template_faults_discard_the_template() {
+        use ember_vmm::snapshot::SnapshotError;
+        let bad = VmError::Snapshot(SnapshotError::Checksum("/t/state".into()));
+        assert!(matches!(RestoreError::from(bad), RestoreError::Template(_)));
+        let pod = VmError::Net {
+            tap: "tap0".into(),
+            source: ember_vmm::devices::virtio::net::NetError::InvalidMtu(1),
+        };
+        let e = RestoreError::from(pod);
+        assert!(matches!(e, RestoreError::Pod(_)));
+        assert!(e.to_string().contains("tap0"), "{e}");
     }
 
     #[test]
