@@ -32,7 +32,7 @@ mapfile -t failed < <(sed -n 's/^    `\(-p [^`]*\)`$/\1/p' "$log")
 retry=()
 for target in "${failed[@]}"; do
     case "$target" in
-        "-p ember-e2e --test ctr_ember"|"-p ember-e2e --test vm_boot"|"-p ember-e2e --test vm_snapshot")
+        "-p ember-e2e --test ctr_ember"|"-p ember-e2e --test vm_boot"|"-p ember-e2e --test vm_snapshot"|"-p ember-e2e --test ctr_templates")
             retry+=("$target") ;;
         *) echo "test.sh: $target failed"; exit "$status" ;;
     esac
