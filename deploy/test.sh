@@ -14,15 +14,12 @@ deploy/build-initrd.sh
 
 export EMBER_KERNEL="${EMBER_KERNEL:-/var/lib/ember/vmlinux}"
 export EMBER_INITRD="${EMBER_INITRD:-/var/lib/ember/initrd.img}"
-# The CRI end-to-end test (tests/tests/cri_ember.rs) is left out until the
-# shim attaches CNI pod networks (README, "Kubernetes"); run it by hand with
-#   cargo test -p ember-e2e --test cri_ember -- --nocapture
 # Cargo runs one test binary at a time: the end-to-end tests boot VMs that
 # each want the CPU to themselves on small machines.
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --no-fail-fast -- --test-threads=2 --skip cri_ember_pods "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast -- --test-threads=2 "$@" 2>&1 | tee "$log" || status=$?
 [ "$status" = 0 ] && exit 0
 
 # On hosts without VT-x (emulated CPU template) guest processes die with
@@ -32,7 +29,7 @@ mapfile -t failed < <(sed -n 's/^    `\(-p [^`]*\)`$/\1/p' "$log")
 retry=()
 for target in "${failed[@]}"; do
     case "$target" in
-        "-p ember-e2e --test ctr_ember"|"-p ember-e2e --test vm_boot"|"-p ember-e2e --test vm_snapshot"|"-p ember-e2e --test ctr_templates")
+        "-p ember-e2e --test ctr_ember"|"-p ember-e2e --test cri_ember"|"-p ember-e2e --test vm_boot"|"-p ember-e2e --test vm_snapshot"|"-p ember-e2e --test ctr_templates")
             retry+=("$target") ;;
         *) echo "test.sh: $target failed"; exit "$status" ;;
     esac
