@@ -264,6 +264,14 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Deletes the ingress qdisc of link `index` (and its filters).
+    async fn del_ingress(&self, index: u32) -> Result<(), rtnetlink::Error> {
+        let mut del = self.handle.qdisc().del(index as i32);
+        del.message_mut().header.parent = TcHandle::INGRESS;
+        del.message_mut().header.handle = TcHandle::from(INGRESS_PARENT);
+        del.execute().await
+    }
+
     async fn routes(&self) -> Result<Vec<RouteMessage>> {
         let mut all = Vec::new();
         for req in [
@@ -466,6 +474,13 @@ impl PodNetwork {
                 .execute()
                 .await
                 .map_err(nl.err(format!("bringing {} up", e.tap)))?;
+            // A redirect left by an earlier VM of this pod (a crashed
+            // shim) points at a tap that is gone: start clean.
+            for (index, name) in [(e.index, &e.name), (tap, &e.tap)] {
+                if nl.del_ingress(index).await.is_ok() {
+                    tracing::warn!(netns = %self.netns.display(), "removed a stale ingress qdisc from {name}");
+                }
+            }
             for (from, from_name, to, to_name) in [
                 (e.index, &e.name, tap, &e.tap),
                 (tap, &e.tap, e.index, &e.name),
@@ -536,10 +551,7 @@ impl PodNetwork {
             }
         };
         for e in &self.endpoints {
-            let mut del = nl.handle.qdisc().del(e.index as i32);
-            del.message_mut().header.parent = TcHandle::INGRESS;
-            del.message_mut().header.handle = TcHandle::from(INGRESS_PARENT);
-            if let Err(err) = del.execute().await {
+            if let Err(err) = nl.del_ingress(e.index).await {
                 tracing::debug!(
                     netns = %self.netns.display(),
                     "removing the ingress qdisc of {}: {err}",

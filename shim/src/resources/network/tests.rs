@@ -299,6 +299,12 @@ async fn connect_redirects_both_ways_and_disconnect_cleans_up() {
     });
     assert!(frame.ends_with(b"hello-guest"), "{frame:?}");
 
+    // A second connect (a new VM after a crashed shim left the filters)
+    // replaces the stale redirect instead of failing.
+    net.connect().await.expect("connect again");
+    let filters = tc_show(&pod.0, &["filter", "show", "dev", "eth0", "ingress"]);
+    assert_eq!(filters.matches("Egress Redirect").count(), 1, "{filters}");
+
     net.disconnect().await;
     let qdiscs = tc_show(&pod.0, &["qdisc", "show", "dev", "eth0"]);
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
