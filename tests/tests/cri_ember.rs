@@ -12,6 +12,8 @@
 //!     case that needs a running pod (two containers sharing an emptyDir,
 //!     localhost and the pod IP, reached from the host by its IP, ExecSync,
 //!     streaming Exec, logs, stats, OOM, restart, bad container input);
+//!   - `web2`: a second pod on the bridge (with Ember, restored from the
+//!     template the first pod's boot made), reached at its own IP;
 //!   - `hostnet`: host network, which Ember refuses at RunPodSandbox (a VM
 //!     cannot share the node's network namespace; README "Networking");
 //!   - `huge`: asks for more memory and CPU than the host has.
@@ -1529,6 +1531,54 @@ fn cri_ember_pods() {
         );
         Ok(())
     });
+
+    s.case(
+        "second pod: its own VM, IP and MAC, reached from the host",
+        |s| {
+            // With Ember this VM is restored from the template the work pod's
+            // boot made: the guest's device has that pod's MAC until the agent
+            // gives it this pod's.
+            let (config, log_dir) = s.new_pod("web2", PodNetwork::Pod)?;
+            let mut pod = s.run_pod("web2", &config, &log_dir)?;
+            let r = (|| -> Result<()> {
+                let ip: Ipv4Addr = s.cri.pod_ip(&pod.id)?.parse()?;
+                let work = s.work()?;
+                let work_ip: Ipv4Addr = s.cri.pod_ip(&work.id)?.parse()?;
+                ensure!(ip != work_ip && s.cni.contains(ip), "pod IP {ip}");
+                let web = busybox(
+                    "web",
+                    0,
+                    &pod,
+                    &format!(
+                        "mkdir -p /www; echo pong-from-web2 > /www/index.html; \
+                     exec httpd -f -p {} -h /www",
+                        s.work_port
+                    ),
+                );
+                s.start(&mut pod, &web)?;
+                let addr = SocketAddr::from((ip, s.work_port));
+                let start = Instant::now();
+                loop {
+                    match http_get(addr, Duration::from_secs(5)) {
+                        Ok(body) if body == "pong-from-web2\n" => break,
+                        r => ensure!(
+                            start.elapsed() < WAIT,
+                            "GET http://{addr}/: {r:?} ({})",
+                            s.health(&pod)
+                        ),
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                // Both pods answer at their own IPs.
+                let body = http_get(SocketAddr::from((work_ip, s.work_port)), WAIT)?;
+                ensure!(body == "pong-from-a\n", "work pod: {body:?}");
+                Ok(())
+            })();
+            let removed = remove_and_check(s, &pod);
+            r?;
+            removed
+        },
+    );
 
     let failed_so_far = s
         .results
