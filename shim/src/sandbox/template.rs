@@ -18,7 +18,8 @@
 //! truncated or corrupted, a restore that fails, an agent that does not
 //! answer within `template_restore_timeout_secs`, or a guest that cannot be
 //! made the pod's own — is logged, discarded, and the pod boots cold. A
-//! template that fails right after it was made marks its identity broken
+//! template that cannot be written, or fails right after it was made, marks
+//! its identity broken
 //! (`.broken-<identity>` in the store, removed by `ember templates drop`),
 //! so later pods boot cold instead of making it again.
 
@@ -256,8 +257,16 @@ async fn from_template(
     let files = match make_template(&store, &identity, booted, report).await {
         Ok(files) => files,
         Err(e) => {
-            // Taking a snapshot ends the VM: boot again.
-            tracing::error!(template = %identity, "making the VM template failed: {e:#}; booting this pod cold");
+            // Taking a snapshot ends the VM: boot again. Mark the identity
+            // broken, or every first pod would boot twice.
+            tracing::error!(
+                template = %identity,
+                "making the VM template failed: {e:#}; booting this pod cold, marking the \
+                 identity broken (later pods boot cold until `ember templates drop`)"
+            );
+            if let Err(e) = File::create(broken_marker(&store, &identity)) {
+                tracing::warn!("marking template {identity} broken: {e}");
+            }
             drop(lock);
             return cold(config, vm_config, hostname, report).await;
         }
