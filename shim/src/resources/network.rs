@@ -520,6 +520,7 @@ impl PodNetwork {
     /// Wires the pod network to a booted VM: [`PodNetwork::connect`], then
     /// the guest agent configures its interfaces and routes.
     pub async fn attach(&self, agent: &Agent) -> crate::error::Result<()> {
+        let started = std::time::Instant::now();
         self.connect()
             .await
             .map_err(|e| crate::error::Error::Internal(anyhow::Error::from(e)))?;
@@ -533,6 +534,13 @@ impl PodNetwork {
                 .await
                 .map_err(|e| e.context("adding the pod's routes in the guest"))?;
         }
+        tracing::info!(
+            netns = %self.netns.display(),
+            took = ?started.elapsed(),
+            "pod network attached: {} interface(s), {} route(s)",
+            self.endpoints.len(),
+            self.routes.len()
+        );
         Ok(())
     }
 
