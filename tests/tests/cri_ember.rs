@@ -985,7 +985,7 @@ fn cri_ember_pods() {
         let out = s
             .cri
             .exec_sync(&b, &["seq", "1", "150000"], Duration::ZERO)?;
-        ensure!(out.exit_code == 0, "seq: {:?}", out.exit_code);
+        ensure!(out.exit_code == 0, "seq: exit code {}", out.exit_code);
         ensure!(
             out.stdout == want.as_bytes(),
             "seq output: {} bytes, want {} (first difference at {:?})",
@@ -1759,6 +1759,7 @@ fn sigsegv_failures_are_recognised() {
         "StreamOutput { exit_code: Some(139), stdout: \"\" }",
         "reason \"Error\" (exit 139), want OOMKilled",
         "exec [\"wget\"]: exit code 139; stdout \"\"; stderr \"\"",
+        "seq: exit code 139",
     ] {
         assert!(guest_sigsegv(seen), "{seen}");
     }
