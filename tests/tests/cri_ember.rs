@@ -287,6 +287,22 @@ impl Suite<'_> {
         }
     }
 
+    /// How long an HTTP request to a pod may take: busybox httpd forks a
+    /// child per request, which takes seconds in a guest whose ring 0 is
+    /// emulated (more on a loaded host).
+    fn http_timeout(&self) -> Duration {
+        Duration::from_secs(if self.ember { 30 } else { 5 })
+    }
+
+    /// How long to wait until a pod's server answers.
+    fn serve_wait(&self) -> Duration {
+        if self.ember {
+            Duration::from_secs(180)
+        } else {
+            WAIT
+        }
+    }
+
     /// The pod's state and each container's, for failure messages.
     fn health(&self, pod: &Pod) -> String {
         let mut out = match self.cri.pod_status(&pod.id) {
@@ -910,10 +926,10 @@ fn cri_ember_pods() {
         let addr = SocketAddr::from((ip, s.work_port));
         let start = Instant::now();
         loop {
-            match http_get(addr, Duration::from_secs(5)) {
+            match http_get(addr, s.http_timeout()) {
                 Ok(body) if body == "pong-from-a\n" => break,
                 r => ensure!(
-                    start.elapsed() < WAIT,
+                    start.elapsed() < s.serve_wait(),
                     "GET http://{addr}/: {r:?} ({})",
                     s.health(&pod)
                 ),
@@ -1569,7 +1585,7 @@ fn cri_ember_pods() {
         )?;
         ensure!(got == "pong-from-a\n", "{got:?}");
         let ip: Ipv4Addr = s.cri.pod_ip(&work.id)?.parse()?;
-        let body = http_get(SocketAddr::from((ip, s.work_port)), Duration::from_secs(5))
+        let body = http_get(SocketAddr::from((ip, s.work_port)), s.http_timeout())
             .with_context(|| format!("work pod at {ip}: {}", s.health(&work)))?;
         ensure!(body == "pong-from-a\n", "{body:?}");
         let pods = s.cri.list_pods()?;
@@ -1610,10 +1626,10 @@ fn cri_ember_pods() {
                 let addr = SocketAddr::from((ip, s.work_port));
                 let start = Instant::now();
                 loop {
-                    match http_get(addr, Duration::from_secs(5)) {
+                    match http_get(addr, s.http_timeout()) {
                         Ok(body) if body == "pong-from-web2\n" => break,
                         r => ensure!(
-                            start.elapsed() < WAIT,
+                            start.elapsed() < s.serve_wait(),
                             "GET http://{addr}/: {r:?} ({})",
                             s.health(&pod)
                         ),
@@ -1625,6 +1641,9 @@ fn cri_ember_pods() {
                 ensure!(body == "pong-from-a\n", "work pod: {body:?}");
                 Ok(())
             })();
+            if r.is_err() && s.ember {
+                print_pod_logs(&pod.id);
+            }
             let removed = remove_and_check(s, &pod);
             r?;
             removed
