@@ -180,6 +180,22 @@ pub fn process_rss() -> (u64, u64) {
     (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
 }
 
+/// Proportional set size of this process (shared pages divided among
+/// the processes mapping them), from /proc/self/smaps_rollup; 0 if
+/// unreadable. What N VMs restored from one template really cost.
+pub fn process_pss() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 /// Bytes of private (copy-on-write) pages this process holds in its
 /// mappings of `path`, from /proc/self/smaps.
 pub fn private_dirty_of(path: &std::path::Path) -> u64 {
@@ -209,6 +225,20 @@ pub fn private_dirty_of(path: &std::path::Path) -> u64 {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn pss_counts_a_private_buffer_once_written() {
+        let before = process_pss();
+        assert!(before > 0, "a running process has a PSS");
+        // Large against what other tests running meanwhile may free.
+        let buf = vec![1u8; 128 << 20];
+        let after = process_pss();
+        assert!(
+            after >= before + (64 << 20),
+            "128 MiB written: PSS {before} -> {after}"
+        );
+        drop(buf);
+    }
 
     #[test]
     fn memory_is_file_backed_and_split() {

@@ -407,21 +407,6 @@ async fn bench_boot_and_stop(
     Ok(report.agent_ready)
 }
 
-/// Proportional set size of this process (shared pages divided among
-/// their mappings), from /proc/self/smaps_rollup.
-fn pss() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Pss:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 /// One benchmark pod: its state dir and VM, started by the shim's own
 /// path ([`template::boot_or_restore`]).
 struct BenchPod {
@@ -507,7 +492,7 @@ fn cmd_bench_template(args: &[&str]) -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let result = rt.block_on(async {
         let mut ready = Vec::new();
-        let base = pss();
+        let base = ember_vmm::memory::process_pss();
         let mut pods = Vec::new();
         for i in 0..n {
             let pod = bench_pod(&cold_cfg, size, &format!("cold{i}")).await?;
@@ -517,11 +502,11 @@ fn cmd_bench_template(args: &[&str]) -> Result<ExitCode> {
             }
             pods.push(pod);
         }
-        let cold_pss = pss().saturating_sub(base);
+        let cold_pss = ember_vmm::memory::process_pss().saturating_sub(base);
         for pod in pods.drain(..) {
             pod.stop(&cold_cfg).await;
         }
-        let base = pss();
+        let base = ember_vmm::memory::process_pss();
         for i in 0..n {
             let pod = bench_pod(&tmpl_cfg, size, &format!("tmpl{i}")).await?;
             if let Some(l) = &pod.launched {
@@ -539,7 +524,7 @@ fn cmd_bench_template(args: &[&str]) -> Result<ExitCode> {
             }
             pods.push(pod);
         }
-        let tmpl_pss = pss().saturating_sub(base);
+        let tmpl_pss = ember_vmm::memory::process_pss().saturating_sub(base);
         let store = TemplateStore::new(&tmpl_cfg.template_dir);
         let template_disk = store.disk_bytes();
         for pod in pods.drain(..) {

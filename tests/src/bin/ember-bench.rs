@@ -24,21 +24,6 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Proportional set size of this process (shared pages divided among
-/// their mappers), from /proc/self/smaps_rollup.
-fn pss() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Pss:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 async fn shutdown(vm: Vm, agent: AgentClient) -> Duration {
     let t = Instant::now();
     let _ = agent
@@ -66,7 +51,7 @@ async fn boot(dir: &std::path::Path, n: usize) -> Result<(Vm, AgentClient, Durat
 
 async fn bench_snapshot(count: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let base_pss = pss();
+    let base_pss = ember_vmm::memory::process_pss();
 
     // Cold boots, kept running to measure their memory together.
     let mut cold = Vec::new();
@@ -75,7 +60,7 @@ async fn bench_snapshot(count: usize) -> Result<()> {
         println!("cold boot {n}: agent ready {}", fmt_duration(Some(ready)));
         cold.push((vm, agent, ready));
     }
-    let cold_pss = pss().saturating_sub(base_pss);
+    let cold_pss = ember_vmm::memory::process_pss().saturating_sub(base_pss);
     let cold_ready: Vec<Duration> = cold.iter().map(|c| c.2).collect();
     let mut cold = cold.into_iter();
     let (template_vm, template_agent, _) = cold.next().context("count must be at least 1")?;
@@ -93,7 +78,7 @@ async fn bench_snapshot(count: usize) -> Result<()> {
         fmt_duration(Some(t.elapsed()))
     );
 
-    let base_pss = pss();
+    let base_pss = ember_vmm::memory::process_pss();
     let mut restored = Vec::new();
     for n in 0..count {
         let rdir = dir.path().join(format!("restored{n}"));
@@ -104,7 +89,7 @@ async fn bench_snapshot(count: usize) -> Result<()> {
         let ready = t.elapsed();
         restored.push((vm, agent, ready));
     }
-    let restored_pss = pss().saturating_sub(base_pss);
+    let restored_pss = ember_vmm::memory::process_pss().saturating_sub(base_pss);
 
     println!();
     println!("sandbox-ready time, cold boot vs restore from template:");
