@@ -158,7 +158,15 @@ impl ProcessResources {
     }
 }
 
-pub use ember_vmm::memory::process_rss;
+pub use ember_vmm::memory::{process_rss, rss_of};
+
+/// The message of a caught panic (`catch_unwind`), for a case report.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
 pub mod containerd;
 pub mod cri;
 pub mod image;

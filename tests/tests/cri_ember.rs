@@ -215,13 +215,7 @@ impl Suite<'_> {
                 Some(s) => Outcome::Skipped(s.0.clone()),
                 None => Outcome::Failed(format!("{e:#}")),
             },
-            Err(p) => Outcome::Failed(format!(
-                "panicked: {}",
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default()
-            )),
+            Err(p) => Outcome::Failed(format!("panicked: {}", ember_e2e::panic_message(&*p))),
         }
     }
 
@@ -304,6 +298,23 @@ impl Suite<'_> {
     }
 
     /// The pod's state and each container's, for failure messages.
+    /// GETs `http://addr/` until it answers `body` (a pod's server may
+    /// still be starting), at most [`Self::serve_wait`].
+    fn wait_http(&self, addr: SocketAddr, body: &str, pod: &Pod) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            match http_get(addr, self.http_timeout()) {
+                Ok(got) if got == body => return Ok(()),
+                r => ensure!(
+                    start.elapsed() < self.serve_wait(),
+                    "GET http://{addr}/: {r:?} ({})",
+                    self.health(pod)
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     fn health(&self, pod: &Pod) -> String {
         let mut out = match self.cri.pod_status(&pod.id) {
             Ok(st) => format!(
@@ -433,22 +444,6 @@ fn cpu_ticks(pid: i32) -> u64 {
             .unwrap_or(0)
     };
     get(14) + get(15)
-}
-
-/// (RssAnon + RssFile, RssShmem) of a process in bytes; guest RAM is a
-/// memfd, so it shows as RssShmem.
-fn rss_split(pid: i32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
 }
 
 /// Whether `pid` still runs `cmdline` (not a recycled pid).
@@ -879,7 +874,7 @@ fn cri_ember_pods() {
         let millicores =
             (ticks1.saturating_sub(ticks0)) as f64 / hz / t0.elapsed().as_secs_f64() * 1000.0;
         for (pid, cmd) in &fp.processes {
-            let (own, shmem) = rss_split(*pid);
+            let (own, shmem) = ember_e2e::rss_of(&pid.to_string());
             println!(
                 "[cri_ember]   pid {pid}: own RSS {:.1} MiB, shared (guest RAM) {:.1} MiB: {}",
                 own as f64 / 1048576.0,
@@ -890,7 +885,7 @@ fn cri_ember_pods() {
         let (own, shmem) = fp
             .processes
             .keys()
-            .map(|p| rss_split(*p))
+            .map(|p| ember_e2e::rss_of(&p.to_string()))
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         println!(
             "[cri_ember]   pod total: own RSS {:.1} MiB, shared {:.1} MiB, idle CPU {millicores:.0} millicores over 10 s",
@@ -935,18 +930,7 @@ fn cri_ember_pods() {
         let pod = s.work()?;
         let ip: Ipv4Addr = s.cri.pod_ip(&pod.id)?.parse()?;
         let addr = SocketAddr::from((ip, s.work_port));
-        let start = Instant::now();
-        loop {
-            match http_get(addr, s.http_timeout()) {
-                Ok(body) if body == "pong-from-a\n" => break,
-                r => ensure!(
-                    start.elapsed() < s.serve_wait(),
-                    "GET http://{addr}/: {r:?} ({})",
-                    s.health(&pod)
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        s.wait_http(addr, "pong-from-a\n", &pod)?;
         let busybox = ember_e2e::image::busybox_path();
         let ping = std::process::Command::new(&busybox)
             .args(["ping", "-c", "1", "-W", "5", &ip.to_string()])
@@ -1635,18 +1619,7 @@ fn cri_ember_pods() {
                 );
                 s.start(&mut pod, &web)?;
                 let addr = SocketAddr::from((ip, s.work_port));
-                let start = Instant::now();
-                loop {
-                    match http_get(addr, s.http_timeout()) {
-                        Ok(body) if body == "pong-from-web2\n" => break,
-                        r => ensure!(
-                            start.elapsed() < s.serve_wait(),
-                            "GET http://{addr}/: {r:?} ({})",
-                            s.health(&pod)
-                        ),
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
+                s.wait_http(addr, "pong-from-web2\n", &pod)?;
                 // Both pods answer at their own IPs.
                 let body = http_get(SocketAddr::from((work_ip, s.work_port)), WAIT)?;
                 ensure!(body == "pong-from-a\n", "work pod: {body:?}");

@@ -107,13 +107,7 @@ impl<'a> Suite<'a> {
         let outcome = match r {
             Ok(Ok(())) => Outcome::Passed,
             Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
-            Err(p) => Outcome::Failed(format!(
-                "panicked: {}",
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default()
-            )),
+            Err(p) => Outcome::Failed(format!("panicked: {}", ember_e2e::panic_message(&*p))),
         };
         match &outcome {
             Outcome::Passed => println!(

@@ -167,7 +167,13 @@ impl GuestRam {
 /// VMM's own memory (for VMs restored from a snapshot, pages read from the
 /// memory file count as RssFile).
 pub fn process_rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_of("self")
+}
+
+/// [`process_rss`] of process `pid` (a number, or "self"); zeros if it
+/// cannot be read.
+pub fn rss_of(pid: &str) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| -> u64 {
         status
             .lines()

@@ -265,6 +265,16 @@ struct BenchArgs {
     mem_mib: Option<u32>,
 }
 
+impl BenchArgs {
+    /// The VM size asked for, the config's defaults where not given.
+    fn size(&self, config: &Config) -> VmSize {
+        VmSize {
+            vcpus: self.vcpus.unwrap_or(config.default_vcpus),
+            mem_mib: self.mem_mib.unwrap_or(config.default_memory_mib),
+        }
+    }
+}
+
 fn parse_bench_args(args: &[&str]) -> Result<BenchArgs> {
     let mut out = BenchArgs {
         count: 1,
@@ -303,10 +313,7 @@ fn cmd_bench_boot(args: &[&str]) -> Result<ExitCode> {
     let bench = parse_bench_args(args)?;
     let (config, source) = Config::load()?;
     ember_shim::logging::init_cli("warn");
-    let size = VmSize {
-        vcpus: bench.vcpus.unwrap_or(config.default_vcpus),
-        mem_mib: bench.mem_mib.unwrap_or(config.default_memory_mib),
-    };
+    let size = bench.size(&config);
     println!(
         "# ember bench boot: {} VM(s), {} vCPU, {} MiB, kernel {}, config {source}",
         bench.count,
@@ -465,10 +472,7 @@ fn cmd_bench_template(args: &[&str]) -> Result<ExitCode> {
     let bench = parse_bench_args(args)?;
     let (config, source) = Config::load()?;
     ember_shim::logging::init_cli("warn");
-    let size = VmSize {
-        vcpus: bench.vcpus.unwrap_or(config.default_vcpus),
-        mem_mib: bench.mem_mib.unwrap_or(config.default_memory_mib),
-    };
+    let size = bench.size(&config);
     let n = bench.count as usize;
     let bench_dir = config
         .state_dir
