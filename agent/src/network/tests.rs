@@ -36,10 +36,26 @@ where
     }
 }
 
-/// `ip` run from this thread (so in its network namespace).
+/// `ip` run from this thread (so in its network namespace). Its output is
+/// read to EOF; the exit is not waited for with `output()`, because the
+/// reaper tests of this crate run `waitpid(-1)` meanwhile and may collect
+/// the child first (ECHILD).
 fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    use std::io::Read;
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip runs");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut out)
+        .expect("ip output");
+    let _ = child.wait();
+    out
 }
 
 async fn add_veth(name: &str, mac: [u8; 6]) {
