@@ -70,6 +70,11 @@ pub struct Config {
     /// answers; after that the template is discarded and the pod boots
     /// cold.
     pub template_restore_timeout_secs: u64,
+    /// Host cgroup (absolute, from each hierarchy's root) under which a
+    /// pod without a cgroup of its own from the CRI (`ctr run`, a sandbox
+    /// without a cgroup parent) gets `<namespace>-<pod>`; the pod's VM is
+    /// charged there.
+    pub cgroup_parent: String,
 }
 
 impl Default for Config {
@@ -92,6 +97,7 @@ impl Default for Config {
             templates: true,
             template_dir: "/var/lib/ember/templates".into(),
             template_restore_timeout_secs: 30,
+            cgroup_parent: "/ember".into(),
         }
     }
 }
@@ -195,6 +201,7 @@ impl Config {
                 self.state_dir.display()
             );
         }
+        crate::resources::cgroup::CgroupPath::parse_absolute(&self.cgroup_parent, "cgroup_parent")?;
         for name in &self.enable_annotations {
             if !annotations::OVERRIDABLE.contains(&name.as_str()) {
                 bail!(
@@ -277,6 +284,7 @@ mod tests {
             templates = false
             template_dir = "/tmp/templates"
             template_restore_timeout_secs = 5
+            cgroup_parent = "/pods/ember"
             "#,
         )
         .unwrap();
@@ -289,6 +297,7 @@ mod tests {
         assert!(!c.templates);
         assert_eq!(c.template_dir, PathBuf::from("/tmp/templates"));
         assert_eq!(c.template_restore_timeout(), Duration::from_secs(5));
+        assert_eq!(c.cgroup_parent, "/pods/ember");
     }
 
     #[test]
@@ -315,6 +324,9 @@ mod tests {
         assert!(err("template_restore_timeout_secs = 0").contains("template_restore"));
         assert!(err("enable_annotations = [\"io.ember.group\"]").contains("io.ember.group"));
         assert!(err("log_level = \"info,=[\"").contains("log_level"));
+        assert!(err("cgroup_parent = \"ember\"").contains("cgroup_parent"));
+        assert!(err("cgroup_parent = \"/a/../b\"").contains("cgroup_parent"));
+        assert!(err("cgroup_parent = \"/\"").contains("cgroup_parent"));
     }
 
     #[test]

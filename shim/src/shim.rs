@@ -28,7 +28,7 @@ use crate::annotations;
 use crate::config::{Config, Source};
 use crate::events::{self, EventSink};
 use crate::logging;
-use crate::resources::mount;
+use crate::resources::{cgroup, mount};
 use crate::sandbox::paths::SandboxPaths;
 use crate::sandbox::process::UNKNOWN_EXIT_STATUS;
 use crate::task::TaskService;
@@ -68,13 +68,17 @@ fn shim_alive(address: &str) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
-/// The annotations in the bundle's config.json, if it can be read.
-fn bundle_annotations(bundle: &std::path::Path) -> std::collections::HashMap<String, String> {
+/// The bundle's config.json, if it can be read (else JSON null).
+fn bundle_spec(bundle: &std::path::Path) -> serde_json::Value {
     std::fs::read(bundle.join("config.json"))
         .ok()
         .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
-        .map(|spec| annotations::of_spec(&spec))
         .unwrap_or_default()
+}
+
+/// The annotations in the bundle's config.json, if it can be read.
+fn bundle_annotations(bundle: &std::path::Path) -> std::collections::HashMap<String, String> {
+    annotations::of_spec(&bundle_spec(bundle))
 }
 
 impl EmberShim {
@@ -159,6 +163,17 @@ impl Shim for EmberShim {
             let paths = SandboxPaths::new(&config.state_dir, &self.namespace, &pod);
             let mut errors = crate::sandbox::cleanup_state(&paths);
             errors.extend(mount::unmount_all_under(&self.bundle.join("rootfs")));
+            // The pod's host cgroup, now that the shim has left it (the
+            // sandbox's bundle names it; other bundles find nothing).
+            match cgroup::pod_cgroup(
+                &config.cgroup_parent,
+                &self.namespace,
+                &pod,
+                &bundle_spec(&self.bundle),
+            ) {
+                Ok(path) => errors.extend(cgroup::remove(&path)),
+                Err(e) => tracing::debug!(container = %self.id, "no pod cgroup to remove: {e:#}"),
+            }
             for e in errors {
                 tracing::warn!(container = %self.id, "cleanup after the shim: {e:#}");
             }

@@ -13,7 +13,9 @@
 //!   and the container shares the guest's root network namespace (the VM
 //!   is the pod's network boundary);
 //! - `linux.cgroupsPath` is removed (the agent places containers in its own
-//!   cgroup tree; a host path such as a systemd slice means nothing there);
+//!   cgroup tree; a host path such as a systemd slice means nothing there).
+//!   On the host the whole VM is one unit in the pod's cgroup, taken from
+//!   the sandbox's spec by [`crate::resources::cgroup`];
 //! - `hooks` are removed: they name host binaries, which do not exist in
 //!   the guest.
 //!
@@ -165,7 +167,9 @@ pub fn rewrite(
 
     obj.remove("hooks");
     if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
-        linux.remove("cgroupsPath");
+        if let Some(path) = linux.remove("cgroupsPath") {
+            tracing::debug!(container = %container_id, cgroups_path = %path, "cgroupsPath not used in the guest; the pod's VM is one host cgroup");
+        }
         if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
             let mut kept = Vec::with_capacity(namespaces.len());
             for mut ns in namespaces.drain(..) {

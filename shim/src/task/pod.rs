@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::EventSink;
+use crate::resources::cgroup::{self, HostCgroup};
 use crate::sandbox::container::Container;
 use crate::sandbox::{NewContainer, Sandbox, SandboxSetup};
 use containerd_shim::ExitSignal;
@@ -45,6 +46,10 @@ pub struct Pod {
     lifecycle: tokio::sync::Mutex<()>,
     exit: Arc<ExitSignal>,
     launch: Launcher,
+    /// Whether the VM is placed in a host cgroup (not in unit tests with a
+    /// stand-in launcher); the cgroup joined while a VM runs.
+    place_in_cgroup: bool,
+    host_cgroup: Mutex<Option<HostCgroup>>,
 }
 
 #[derive(Default)]
@@ -79,7 +84,10 @@ impl Pod {
         events: EventSink,
         exit: Arc<ExitSignal>,
     ) -> Self {
-        Self::with_launcher(namespace, id, config, events, exit, launch_vm())
+        Pod {
+            place_in_cgroup: true,
+            ..Self::with_launcher(namespace, id, config, events, exit, launch_vm())
+        }
     }
 
     pub fn with_launcher(
@@ -99,6 +107,8 @@ impl Pod {
             lifecycle: tokio::sync::Mutex::new(()),
             exit,
             launch,
+            place_in_cgroup: false,
+            host_cgroup: Mutex::new(None),
         }
     }
 
@@ -183,7 +193,7 @@ impl Pod {
         let id = new.id.clone();
         let reservation = self.reserve(&id)?;
         let result = async {
-            let sb = self.ensure_sandbox(setup).await?;
+            let sb = self.ensure_sandbox(setup, &new.spec).await?;
             if self.is_abandoned(&id) {
                 return Err(Self::abandoned_error(&id));
             }
@@ -209,11 +219,16 @@ impl Pod {
         result
     }
 
-    async fn ensure_sandbox(&self, setup: SandboxSetup) -> Result<Arc<Sandbox>> {
+    async fn ensure_sandbox(
+        &self,
+        setup: SandboxSetup,
+        spec: &serde_json::Value,
+    ) -> Result<Arc<Sandbox>> {
         let _lifecycle = self.lifecycle.lock().await;
         if let Some(sb) = self.sandbox() {
             return Ok(sb);
         }
+        self.join_host_cgroup(spec).await?;
         let sb = (self.launch)(self.config.clone(), self.events.clone(), setup).await?;
         self.slot().sandbox = Some(sb.clone());
         Ok(sb)
@@ -241,6 +256,43 @@ impl Pod {
         if let Some(sb) = sb {
             sb.shutdown().await;
         }
+        self.leave_host_cgroup().await;
         true
+    }
+
+    /// Before the VM exists: the shim (so every VMM thread and guest RAM
+    /// to come) joins the pod's host cgroup, from the spec of the pod's
+    /// first container (the CRI sandbox).
+    async fn join_host_cgroup(&self, spec: &serde_json::Value) -> Result<()> {
+        if !self.place_in_cgroup || self.host_cgroup().is_some() {
+            return Ok(());
+        }
+        let path = cgroup::pod_cgroup(&self.config.cgroup_parent, &self.namespace, &self.id, spec)
+            .map_err(|e| Error::invalid(format!("{e:#}")))?;
+        let joined = tokio::task::spawn_blocking(move || HostCgroup::join(&path))
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("joining the pod's cgroup: {e}")))?
+            .map_err(Error::Internal)?;
+        *self.host_cgroup() = Some(joined);
+        Ok(())
+    }
+
+    /// After the VM is gone: back to the shim's own cgroup; the pod's is
+    /// removed.
+    async fn leave_host_cgroup(&self) {
+        let Some(mut cg) = self.host_cgroup().take() else {
+            return;
+        };
+        let path = cg.path().clone();
+        let errors = tokio::task::spawn_blocking(move || cg.leave())
+            .await
+            .unwrap_or_default();
+        for e in errors {
+            tracing::warn!(cgroup = %path, "leaving the pod's cgroup: {e:#}");
+        }
+    }
+
+    fn host_cgroup(&self) -> std::sync::MutexGuard<'_, Option<HostCgroup>> {
+        self.host_cgroup.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
