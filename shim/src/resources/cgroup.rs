@@ -630,6 +630,33 @@ mod tests {
     }
 
     #[test]
+    fn dirs_are_made_beneath_the_root_without_following_symlinks() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let h = Hierarchy {
+            mount: root.path().to_path_buf(),
+            controllers: BTreeSet::new(),
+            v2: true,
+        };
+        let p = CgroupPath::parse_absolute("/ember/default-pod", "test").unwrap();
+        let made = make_dirs(&h, &p).unwrap();
+        assert_eq!(
+            made,
+            [
+                root.path().join("ember"),
+                root.path().join("ember/default-pod")
+            ]
+        );
+        // Existing directories are fine (mkdir -p).
+        assert!(make_dirs(&h, &p).unwrap().is_empty());
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        let through = CgroupPath::parse_absolute("/link/pod", "test").unwrap();
+        let err = make_dirs(&h, &through).unwrap_err();
+        assert!(format!("{err:#}").contains("no symlinks"), "{err:#}");
+        assert!(!outside.path().join("pod").exists());
+    }
+
+    #[test]
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
         assert_eq!(unescape_mountinfo("/plain\\04"), "/plain\\04");
