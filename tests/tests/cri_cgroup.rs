@@ -163,6 +163,20 @@ impl Host {
         Ok(())
     }
 
+    /// The largest CPU weight for `cg` (created in the cpu hierarchy if
+    /// need be): kubelet weighs `kubepods` by the node's capacity; here
+    /// `cg` sits at the root among every busy process of a shared machine,
+    /// where a default weight would starve a VM's boot.
+    fn set_max_weight(&self, cg: &str) -> Result<()> {
+        let d = self.dir("cpu", cg)?;
+        std::fs::create_dir_all(&d)?;
+        match self {
+            Host::V1(_) => std::fs::write(d.join("cpu.shares"), "262144")?,
+            Host::V2(_) => std::fs::write(d.join("cpu.weight"), "10000")?,
+        }
+        Ok(())
+    }
+
     /// A CFS limit on `cg`: `Some(quota)` per [`PERIOD_US`], or none.
     fn set_cpu_limit(&self, cg: &str, quota_us: Option<u64>) -> Result<()> {
         let d = self.dir("cpu", cg)?;
@@ -353,7 +367,8 @@ fn cri_pod_is_charged_to_its_cgroup() {
     let mut opts = ember_options(&format!("{base}/unused"));
     opts.cni = Some(cni.options());
     let ctrd = Containerd::start(opts).expect("containerd starts");
-    let result = cri_case(&ctrd, &host, &base);
+    let result = cri_case(&ctrd, &host, &base)
+        .with_context(|| format!("containerd log:\n{}", ctrd.log_tail(60)));
     let report = ctrd.shutdown();
     host.remove_tree(&base);
     if let Err(e) = result {
@@ -368,6 +383,7 @@ fn cri_case(ctrd: &Containerd, host: &Host, base: &str) -> Result<()> {
     let uid = format!("cg-0000-4000-8000-{:012x}", std::process::id());
     let parent = format!("{base}/kubepods/pod{uid}");
     host.make_pod_cgroup(&parent)?;
+    host.set_max_weight(base)?;
     let log_dir = ctrd.dir().join("pods").join("cg");
     std::fs::create_dir_all(&log_dir)?;
     let mut config = pod_config("cg", "e2e", &uid, &log_dir, PodNetwork::Pod);
@@ -465,7 +481,8 @@ fn ctr_run_gets_a_cgroup_of_its_own() {
     let host = Host::detect().expect("cgroups");
     let parent = format!("/ember-e2e-ctr-{}", std::process::id());
     let ctrd = Containerd::start(ember_options(&parent)).expect("containerd starts");
-    let result = ctr_case(&ctrd, &host, &parent);
+    let result = ctr_case(&ctrd, &host, &parent)
+        .with_context(|| format!("containerd log:\n{}", ctrd.log_tail(60)));
     let report = ctrd.shutdown();
     host.remove_tree(&parent);
     if let Err(e) = result {
@@ -475,6 +492,8 @@ fn ctr_run_gets_a_cgroup_of_its_own() {
 }
 
 fn ctr_case(ctrd: &Containerd, host: &Host, parent: &str) -> Result<()> {
+    // The admin's parent, weighted (see [`Host::set_max_weight`]).
+    host.set_max_weight(parent)?;
     let id = "cg1";
     let t0 = Instant::now();
     let args = [
