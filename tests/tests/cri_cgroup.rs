@@ -15,7 +15,8 @@
 //!   the pod is gone, the sandbox cgroup is gone too.
 //! - `ctr_run_gets_a_cgroup_of_its_own`: `ctr run` (no CRI sandbox) puts
 //!   the shim in `<cgroup_parent>/<namespace>-<id>`; after `ctr task
-//!   delete` and the shim's exit, that cgroup is removed.
+//!   delete` and the shim's exit, that cgroup is removed; and when a shim
+//!   is killed, containerd's `<shim> delete` removes it.
 //!
 //! cgroup v1 (every hierarchy) and v2 (unified) hosts. Skipped, loudly,
 //! only when /dev/kvm or the guest kernel/initrd are missing.
@@ -522,5 +523,36 @@ fn ctr_case(ctrd: &Containerd, host: &Host, parent: &str) -> Result<()> {
     wait_gone(shim, Duration::from_secs(60))?;
     wait_removed(host, &cg, Duration::from_secs(30))?;
     println!("[cgroup] task deleted: shim gone, {cg} removed");
+
+    // A shim that dies leaves its cgroup to `<shim> delete`, which
+    // containerd runs once the shim's connection is gone.
+    let id = "cg2";
+    let args = [
+        "run",
+        "-d",
+        "--runtime",
+        EMBER_RUNTIME,
+        BUSYBOX_IMAGE,
+        id,
+        "sh",
+        "-c",
+        "sleep 100000",
+    ];
+    let t0 = Instant::now();
+    ctrd.ctr_timeout(&args, BOOT_TIMEOUT).ok()?;
+    println!("[cgroup] ctr run {id}: {:.1}s", t0.elapsed().as_secs_f64());
+    let cg = format!("{parent}/default-{id}");
+    let shim = serving_shim(ctrd, id)?;
+    assert_threads_in(host, shim, &cg, &["cpu"])?;
+    // SAFETY: kill(2) of the shim this test found.
+    ensure!(
+        unsafe { libc::kill(shim, libc::SIGKILL) } == 0,
+        "kill {shim}"
+    );
+    wait_gone(shim, Duration::from_secs(30))?;
+    wait_removed(host, &cg, Duration::from_secs(60))?;
+    println!("[cgroup] shim killed: {cg} removed by the shim's delete");
+    // containerd dropped the task when the shim died; the container stays.
+    ctrd.ctr(&["container", "delete", id]).ok()?;
     Ok(())
 }
