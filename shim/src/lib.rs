@@ -24,6 +24,7 @@
 
 pub mod annotations;
 pub mod config;
+pub mod containerd_config;
 pub mod error;
 pub mod events;
 pub mod io;
