@@ -14,6 +14,18 @@ deploy/build-initrd.sh
 
 export EMBER_KERNEL="${EMBER_KERNEL:-/var/lib/ember/vmlinux}"
 export EMBER_INITRD="${EMBER_INITRD:-/var/lib/ember/initrd.img}"
+# containerd 2.x: the containerd end-to-end tests against Debian's
+# containerd 2.1.9 as well (deploy/containerd2.sh fetches it once into
+# /var/cache/ember; README "containerd versions"). The whole workspace below
+# runs against the system's containerd (Debian 12: 1.6.20).
+# EMBER_SKIP_CONTAINERD2=1 skips this part.
+if [ "${EMBER_SKIP_CONTAINERD2:-0}" != 1 ]; then
+    containerd2="$(deploy/containerd2.sh)"
+    echo "test.sh: end-to-end tests against $("$containerd2" --version)"
+    EMBER_CONTAINERD="$containerd2" cargo test -p ember-e2e \
+        --test ctr_harness_runc --test ctr_ember --test ctr_templates --test cri_ember \
+        -- --test-threads=2 "$@"
+fi
 # Cargo runs one test binary at a time: the end-to-end tests boot VMs that
 # each want the CPU to themselves on small machines.
 log="$(mktemp)"

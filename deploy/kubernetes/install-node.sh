@@ -67,11 +67,12 @@ config_version() {
 
 # The runtime snippet for this config version. ember-runtime.toml is
 # written for version 2; version 3 (containerd 2.x) moved the CRI runtime
-# tables to io.containerd.cri.v1.runtime.
+# tables to io.containerd.cri.v1.runtime (deploy/containerd/ember-v3.toml).
 runtime_snippet() {
     case "$1" in
     2) cat "$ARTIFACTS/ember-runtime.toml" ;;
-    3) sed 's/plugins\."io\.containerd\.grpc\.v1\.cri"\.containerd\.runtimes/plugins."io.containerd.cri.v1.runtime".containerd.runtimes/' \
+    # Version 4 (containerd 2.3's default) moved only the server sections.
+    3 | 4) sed 's/plugins\."io\.containerd\.grpc\.v1\.cri"\.containerd\.runtimes/plugins."io.containerd.cri.v1.runtime".containerd.runtimes/' \
         "$ARTIFACTS/ember-runtime.toml" ;;
     *) die "unsupported containerd config version $1" ;;
     esac
@@ -94,14 +95,19 @@ add_runtime_to_config() {
     mkdir -p "$(dirname "$CFG")"
     if [ ! -s "$CFG" ]; then
         # No config: containerd runs on built-in defaults. A file without a
-        # version line would be read as version 1, so say 2.
-        log "no $CONTAINERD_CONFIG on the node; writing a version 2 config"
-        printf 'version = 2\n' >"$CFG"
+        # version line would be read as version 1: say the version of the
+        # node's containerd (2 for 1.x, 3 for 2.x).
+        local v=2
+        if on_host containerd --version 2>/dev/null | grep -qE '[[:space:]]v?2\.[0-9]+'; then
+            v=3
+        fi
+        log "no $CONTAINERD_CONFIG on the node; writing a version $v config"
+        printf 'version = %s\n' "$v" >"$CFG"
     fi
     local version
     version="$(config_version)"
-    [ "$version" = 2 ] || [ "$version" = 3 ] ||
-        die "$CONTAINERD_CONFIG is a version-$version containerd config; Ember's snippet needs version 2 or 3 (migrate it with 'containerd config migrate')"
+    [ "$version" = 2 ] || [ "$version" = 3 ] || [ "$version" = 4 ] ||
+        die "$CONTAINERD_CONFIG is a version-$version containerd config; Ember's snippet needs version 2, 3 or 4 (migrate it with 'containerd config migrate')"
     if grep -q 'runtimes\.ember\]' "$CFG" && ! has_managed_block; then
         log "$CONTAINERD_CONFIG already defines runtimes.ember (not ours): left as is"
         return 1

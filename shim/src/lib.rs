@@ -9,6 +9,8 @@
 //! - [`shim`]: the `containerd_shim::asynchronous::Shim` entry points:
 //!   `start` (one long-lived shim per pod, grouped by the CRI sandbox id or
 //!   `io.ember.group`), `delete` (cleanup after a crashed shim);
+//! - [`start`]: `start` and `-info` for every containerd version (1.6 to
+//!   2.3's bootstrap protocol), before containerd-shim's `run`;
 //! - [`task`]: the containerd Task service, request by request;
 //! - [`sandbox`]: one per VM: boot and agent handshake (shared with
 //!   `ember bench boot`), the container and process registry, exits, OOM
@@ -22,6 +24,7 @@
 
 pub mod annotations;
 pub mod config;
+pub mod containerd_config;
 pub mod error;
 pub mod events;
 pub mod io;
@@ -30,6 +33,7 @@ pub mod metrics;
 pub mod resources;
 pub mod sandbox;
 pub mod shim;
+pub mod start;
 pub mod task;
 
 /// The runtime name containerd knows this shim by.

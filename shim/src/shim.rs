@@ -5,7 +5,8 @@
 //!   one pod share one long-lived shim (and so one VM): the grouping id is
 //!   the CRI sandbox id, else the `io.ember.group` annotation, else the
 //!   container id. If the pod's shim already serves, its address is
-//!   returned; else a new shim is spawned.
+//!   returned; else a new shim is spawned. Handled in [`crate::start`],
+//!   before containerd-shim sees the command line (containerd 2.x stdin).
 //! - `delete`: containerd runs it when a shim's connection closed (after
 //!   every normal task deletion too, in containerd 1.6). If the pod's shim
 //!   still serves, there is nothing to do; if it is gone (crashed), what it
@@ -20,7 +21,7 @@ use async_trait::async_trait;
 use containerd_shim::api::DeleteResponse;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
-    spawn, Config as ShimConfig, Error as ShimError, ExitSignal, Flags, Shim, StartOpts,
+    Config as ShimConfig, Error as ShimError, ExitSignal, Flags, Shim, StartOpts,
 };
 use containerd_shim_protos::protobuf::MessageField;
 
@@ -63,7 +64,7 @@ fn shim_error(msg: impl Into<String>) -> ShimError {
 }
 
 /// Whether a shim answers at `address` (`unix://path`).
-fn shim_alive(address: &str) -> bool {
+pub(crate) fn shim_alive(address: &str) -> bool {
     let path = address.strip_prefix("unix://").unwrap_or(address);
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
@@ -77,14 +78,10 @@ fn bundle_spec(bundle: &std::path::Path) -> serde_json::Value {
 }
 
 /// The annotations in the bundle's config.json, if it can be read.
-fn bundle_annotations(bundle: &std::path::Path) -> std::collections::HashMap<String, String> {
+pub(crate) fn bundle_annotations(
+    bundle: &std::path::Path,
+) -> std::collections::HashMap<String, String> {
     annotations::of_spec(&bundle_spec(bundle))
-}
-
-impl EmberShim {
-    fn config(&self) -> Result<Arc<Config>, ShimError> {
-        self.config.clone().map_err(shim_error)
-    }
 }
 
 #[async_trait]
@@ -126,34 +123,20 @@ impl Shim for EmberShim {
         }
     }
 
-    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
-        // A broken config fails here, where containerd shows the message.
-        self.config()?;
-        let ann = bundle_annotations(&self.bundle);
-        let pod = annotations::grouping_id(&ann, &opts.id);
-        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &pod);
-        if shim_alive(&address) {
-            tracing::info!(container = %opts.id, %pod, "joining the pod's running shim");
-        } else {
-            tracing::info!(container = %opts.id, %pod, "starting the pod's shim");
-            let spawned = spawn(opts, &pod, vec![(POD_ID_ENV, pod.as_str())]).await?;
-            if spawned != address {
-                return Err(shim_error(format!(
-                    "spawned shim listens on {spawned}, expected {address}"
-                )));
-            }
-        }
-        // containerd finds the shim again after a restart through this file.
-        tokio::fs::write("address", &address)
-            .await
-            .map_err(|e| shim_error(format!("writing the address file: {e}")))?;
-        Ok(address)
+    async fn start_shim(&mut self, _opts: StartOpts) -> Result<String, ShimError> {
+        // issue 10: `start` never reaches containerd-shim: main.rs hands it
+        // to crate::start (stdin of every containerd version, its reply).
+        Err(shim_error("start is handled by ember_shim::start"))
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
         let ann = bundle_annotations(&self.bundle);
         let pod = annotations::grouping_id(&ann, &self.id);
-        let address = containerd_shim::socket_address(&self.address, &self.namespace, &pod);
+        // issue 10: the socket `start` recorded (containerd 2.3 may have
+        // put it under its own socket_dir).
+        let address = crate::start::recorded_address(&self.bundle).unwrap_or_else(|| {
+            containerd_shim::socket_address(&self.address, &self.namespace, &pod)
+        });
         if shim_alive(&address) {
             // The pod's shim runs (containerd calls delete after every
             // deletion): it cleans up after itself.

@@ -23,6 +23,11 @@
 //! containerd 1.6 still puts shim sockets and fifos under
 //! `/run/containerd/{s,fifo}`; their names are hashed from the address, so
 //! several harnesses do not collide.
+//!
+//! Another containerd: `EMBER_CONTAINERD=/path/to/containerd` (and
+//! `EMBER_CTR`, else the `ctr` next to it). Its version is asked once
+//! ([`ContainerdVersion`]) and picks the config format: version 2 for 1.x,
+//! version 3 for 2.x (`deploy/containerd2.sh` fetches 2.1.9).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -43,10 +48,75 @@ pub fn containerd_bin() -> PathBuf {
         .unwrap_or_else(|| "/usr/bin/containerd".into())
 }
 
+/// `EMBER_CTR`, else the `ctr` next to `EMBER_CONTAINERD`, else Debian's.
 pub fn ctr_bin() -> PathBuf {
-    std::env::var_os("EMBER_CTR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/usr/bin/ctr".into())
+    if let Some(p) = std::env::var_os("EMBER_CTR") {
+        return p.into();
+    }
+    if std::env::var_os("EMBER_CONTAINERD").is_some() {
+        if let Some(sibling) = containerd_bin().parent().map(|d| d.join("ctr")) {
+            if sibling.is_file() {
+                return sibling;
+            }
+        }
+    }
+    "/usr/bin/ctr".into()
+}
+
+/// The version of the containerd under test, which picks its config format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContainerdVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ContainerdVersion {
+    /// From `containerd --version` output
+    /// (`containerd github.com/containerd/containerd/v2 2.1.9+unknown`,
+    /// `containerd github.com/containerd/containerd 1.6.20~ds1 ...`).
+    pub fn parse(version_output: &str) -> Option<Self> {
+        version_output.split_whitespace().find_map(|word| {
+            let word = word.trim_start_matches('v');
+            let mut parts = word.split(['.', '-', '+', '~']);
+            let major = parts.next()?.parse().ok()?;
+            let minor = parts.next()?.parse().ok()?;
+            Some(ContainerdVersion { major, minor })
+        })
+    }
+
+    /// Of [`containerd_bin`], asked once per process.
+    pub fn of_containerd_bin() -> Result<Self> {
+        static CACHE: std::sync::OnceLock<std::result::Result<ContainerdVersion, String>> =
+            std::sync::OnceLock::new();
+        CACHE
+            .get_or_init(|| {
+                let bin = containerd_bin();
+                let out = Command::new(&bin)
+                    .arg("--version")
+                    .output()
+                    .map_err(|e| format!("running {} --version: {e}", bin.display()))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                ContainerdVersion::parse(&text)
+                    .ok_or_else(|| format!("no version in `{} --version`: {text:?}", bin.display()))
+            })
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// The config `version` this containerd is given: 3 for 2.x, 2 for 1.x.
+    pub fn config_version(self) -> u32 {
+        if self.major >= 2 {
+            3
+        } else {
+            2
+        }
+    }
+}
+
+impl std::fmt::Display for ContainerdVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
 }
 
 /// The runtime name `ctr run --runtime` takes for the Ember shim.
@@ -470,9 +540,16 @@ impl Containerd {
             }
             None => None,
         };
+        let version = ContainerdVersion::of_containerd_bin()?;
+        eprintln!(
+            "[containerd harness] {} is containerd {version} (config version {})",
+            containerd.display(),
+            version.config_version()
+        );
         std::fs::write(
             &config,
-            config_toml_with(
+            config_toml_for(
+                version,
                 &path,
                 opts.ember_shim.as_deref(),
                 cni_dirs.as_ref().map(|(c, b)| (c.as_path(), b.as_path())),
@@ -481,8 +558,18 @@ impl Containerd {
 
         let mut env_path =
             std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        // The ember shim's dir first, then that of containerd (another
+        // containerd's own containerd-shim-runc-v2), then the rest.
+        let mut dirs: Vec<PathBuf> = Vec::new();
         if let Some(shim_dir) = opts.ember_shim.as_deref().and_then(Path::parent) {
-            let mut dirs = vec![shim_dir.to_path_buf()];
+            dirs.push(shim_dir.to_path_buf());
+        }
+        if std::env::var_os("EMBER_CONTAINERD").is_some() {
+            if let Some(d) = containerd.parent() {
+                dirs.push(d.to_path_buf());
+            }
+        }
+        if !dirs.is_empty() {
             dirs.extend(std::env::split_paths(&env_path));
             env_path = std::env::join_paths(dirs)?;
         }
@@ -804,8 +891,99 @@ pub fn config_toml(dir: &Path, ember_shim: Option<&Path>) -> String {
     config_toml_with(dir, ember_shim, None)
 }
 
+/// [`config_toml_with`] in the format of containerd `version`.
+pub fn config_toml_for(
+    version: ContainerdVersion,
+    dir: &Path,
+    ember_shim: Option<&Path>,
+    cni_dirs: Option<(&Path, &Path)>,
+) -> String {
+    if version.config_version() >= 3 {
+        config_toml_v3(dir, ember_shim, cni_dirs)
+    } else {
+        config_toml_with(dir, ember_shim, cni_dirs)
+    }
+}
+
+/// The containerd 2.x (config version 3) equivalent of [`config_toml_with`]:
+/// the CRI plugin is split into `io.containerd.cri.v1.images` (snapshotter,
+/// the pinned sandbox image), `io.containerd.cri.v1.runtime` (runtimes, CNI,
+/// `restrict_oom_score_adj`) and `io.containerd.grpc.v1.cri` (the server).
+pub fn config_toml_v3(
+    dir: &Path,
+    ember_shim: Option<&Path>,
+    cni_dirs: Option<(&Path, &Path)>,
+) -> String {
+    let d = dir.display();
+    let mut s = format!(
+        r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+oom_score = 0
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[debug]
+  level = "debug"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{pause}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+
+[plugins."io.containerd.cri.v1.runtime".containerd]
+  default_runtime_name = "runc"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+"#,
+        pause = image::PAUSE_IMAGE
+    );
+    if let Some(shim) = ember_shim {
+        s.push_str(&format!(
+            r#"
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.ember]
+  runtime_type = "{}"
+"#,
+            shim.display()
+        ));
+    }
+    if let Some((conf_dir, bin_dir)) = cni_dirs {
+        s.push_str(&format!(
+            r#"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["{}"]
+  conf_dir = "{}"
+  max_conf_num = 1
+"#,
+            bin_dir.display(),
+            conf_dir.display()
+        ));
+    }
+    s
+}
+
 /// [`config_toml`], plus the CRI plugin's CNI directories
-/// `(conf_dir, bin_dir)` when given.
+/// `(conf_dir, bin_dir)` when given (config version 2: containerd 1.x).
 pub fn config_toml_with(
     dir: &Path,
     ember_shim: Option<&Path>,
@@ -1220,5 +1398,27 @@ impl Drop for PtySession {
                 let _ = r.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ContainerdVersion;
+
+    #[test]
+    fn containerd_versions_parse() {
+        let v2 = ContainerdVersion::parse(
+            "containerd github.com/containerd/containerd/v2 2.1.9+unknown \n",
+        )
+        .unwrap();
+        assert_eq!((v2.major, v2.minor, v2.config_version()), (2, 1, 3));
+        let v1 = ContainerdVersion::parse(
+            "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1\n",
+        )
+        .unwrap();
+        assert_eq!((v1.major, v1.minor, v1.config_version()), (1, 6, 2));
+        let tagged = ContainerdVersion::parse("containerd containerd.io v1.7.24 abc\n").unwrap();
+        assert_eq!((tagged.major, tagged.minor), (1, 7));
+        assert!(ContainerdVersion::parse("nothing here").is_none());
     }
 }

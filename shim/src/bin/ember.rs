@@ -15,7 +15,7 @@
 //! ember version
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -140,6 +140,33 @@ fn check_state_dir(dir: &Path) -> Result<String> {
     Ok(format!("state dir {} writable", dir.display()))
 }
 
+/// Where containerd's config registers Ember (CONTAINERD_CONFIG, default
+/// /etc/containerd/config.toml): a section containerd ignores at the
+/// file's version, or a drop-in newer than the root config, fails.
+fn check_containerd_config() -> Result<String> {
+    let path = std::env::var_os("CONTAINERD_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/containerd/config.toml"));
+    if !path.exists() {
+        return Ok(format!(
+            "no {} (containerd defaults: `ctr run --runtime {}` works, no CRI handler)",
+            path.display(),
+            ember_shim::RUNTIME_ID
+        ));
+    }
+    let found = ember_shim::containerd_config::check(&path)?;
+    if !found.problems.is_empty() {
+        bail!("{}", found.problems.join("; "));
+    }
+    if found.handlers.is_empty() {
+        return Ok(format!(
+            "{} registers no CRI handler for Ember (deploy/containerd/register.sh adds `ember`)",
+            path.display()
+        ));
+    }
+    Ok(format!("CRI handlers: {}", found.handlers.join(", ")))
+}
+
 fn cmd_check() -> Result<ExitCode> {
     let (config, source) = match Config::load() {
         Ok(c) => c,
@@ -167,6 +194,7 @@ fn cmd_check() -> Result<ExitCode> {
             )),
         ),
         ("state", check_state_dir(&config.state_dir)),
+        ("cri", check_containerd_config()),
     ];
     let mut failed = false;
     for (name, r) in checks {

@@ -1,0 +1,172 @@
+#!/bin/bash
+# Registers Ember with the containerd found on this machine, for its
+# version: containerd 1.6/1.7 (config version 2), 2.0-2.2 (version 3),
+# 2.3+ (version 3 or 4). Used by deploy/install.sh; runnable alone:
+#
+#   deploy/containerd/register.sh [--dry-run]
+#
+# - The root config (CONTAINERD_CONFIG, default /etc/containerd/config.toml)
+#   is created from `containerd config default` when absent or empty, and
+#   otherwise kept: only an `imports` entry naming the drop-in is added
+#   (plus, when absent, the local CRI sandbox image and, without
+#   CAP_SYS_RESOURCE, restrict_oom_score_adj = true).
+# - containerd 2.x: Ember's runtime goes into a drop-in, conf.d/ember.toml
+#   next to the root config, of the root config's version (a drop-in of a
+#   higher version is an error; a lower one is migrated), from
+#   deploy/containerd/ember-v{2,3,4}.toml, and the root config imports it.
+# - containerd 1.6/1.7: into the root config, between marker lines. Their
+#   `imports` replace a whole plugin section (a drop-in naming the CRI
+#   plugin would wipe the root file's CRI settings), so no drop-in there.
+# - A root config that already defines runtimes.ember itself is left alone.
+# - A config version this containerd cannot read is an error that names the
+#   fix (`containerd config migrate`), and nothing is changed.
+# Prints "changed" on stdout when containerd must be restarted.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cfg="${CONTAINERD_CONFIG:-/etc/containerd/config.toml}"
+containerd_bin="${CONTAINERD_BIN:-containerd}"
+dry_run=0
+[ "${1:-}" = --dry-run ] && dry_run=1
+
+log() { echo "register: $*" >&2; }
+die() {
+    echo "register: error: $*" >&2
+    exit 1
+}
+
+# major.minor of the containerd binary.
+containerd_version() {
+    "$containerd_bin" --version 2>/dev/null |
+        grep -oE '[[:space:]]v?[0-9]+\.[0-9]+' | head -n1 | tr -d ' v'
+}
+
+# The `version = N` of a config file (1 when absent: containerd's rule).
+config_version() {
+    local v
+    v="$(sed -n 's/^[[:space:]]*version[[:space:]]*=[[:space:]]*\([0-9]\+\).*/\1/p' "$1" 2>/dev/null | head -n1)"
+    echo "${v:-1}"
+}
+
+cv="$(containerd_version)"
+[ -n "$cv" ] || die "cannot tell the version of '$containerd_bin' (is containerd installed?)"
+major="${cv%%.*}"
+minor="${cv#*.}"
+case "$major" in
+1) min=2 max=2 ;;
+2) min=2 max=3; [ "$minor" -ge 3 ] && max=4 ;;
+*) die "containerd $cv is newer than this script knows (1.6 to 2.3)" ;;
+esac
+log "containerd $cv (config versions up to $max)"
+
+if [ ! -s "$cfg" ]; then
+    log "no $cfg: writing containerd $cv's defaults"
+    if [ "$dry_run" = 0 ]; then
+        mkdir -p "$(dirname "$cfg")"
+        # The CNI plugins where Debian puts them; the sandbox image is set
+        # below (containerd's default lives in a registry).
+        "$containerd_bin" config default |
+            sed -e 's#"/opt/cni/bin"#"/usr/lib/cni"#' \
+                -e '/^[[:space:]]*sandbox_image[[:space:]]*=/d' \
+                -e "/^[[:space:]]*sandbox[[:space:]]*=[[:space:]]*[\"']registry/d" >"$cfg"
+    fi
+fi
+version="$(config_version "$cfg")"
+if [ "$version" -gt "$max" ]; then
+    die "$cfg is config version $version; containerd $cv reads up to $max: nothing changed"
+fi
+if [ "$version" -lt "$min" ]; then
+    die "$cfg is config version $version: migrate it first ('containerd config migrate > new.toml'): nothing changed"
+fi
+case "$version" in
+2) runtimes='plugins."io.containerd.grpc.v1.cri".containerd.runtimes' ;;
+*) runtimes='plugins."io.containerd.cri.v1.runtime".containerd.runtimes' ;;
+esac
+
+begin_mark="# BEGIN ember runtime (deploy/containerd/register.sh)"
+end_mark="# END ember runtime"
+changed=0
+# Table headers compared without quotes (containerd 2.x writes '...').
+if grep -q "runtimes\.ember[\"']\?\]" "$cfg"; then
+    if tr -d "\"'" <"$cfg" | grep -qF "[$(printf '%s' "$runtimes" | tr -d "\"'").ember]"; then
+        log "$cfg registers ember itself: left as is"
+    else
+        log "WARNING: $cfg has an ember runtime under a section containerd $cv ignores at config version $version; 'ember check' names the fix"
+    fi
+else
+    dropin_dir="$(dirname "$cfg")/conf.d"
+    dropin="$dropin_dir/ember.toml"
+    want="$(cat "$here/ember-v$version.toml")"
+    if [ "$major" = 1 ]; then
+        log "adding the ember runtime to $cfg (between '$begin_mark' lines)"
+        if [ "$dry_run" = 0 ]; then
+            [ -z "$(tail -c1 "$cfg")" ] || printf '\n' >>"$cfg"
+            {
+                printf '%s\n' "$begin_mark"
+                printf '%s\n' "$want" | grep -v '^version[[:space:]]*='
+                printf '%s\n' "$end_mark"
+            } >>"$cfg"
+        fi
+        changed=1
+    else
+        if [ ! -f "$dropin" ] || [ "$(cat "$dropin")" != "$want" ]; then
+            log "writing $dropin (config version $version)"
+            if [ "$dry_run" = 0 ]; then
+                mkdir -p "$dropin_dir"
+                printf '%s\n' "$want" >"$dropin"
+            fi
+            changed=1
+        fi
+        # The root config must import the drop-in.
+        if grep -qE '^[[:space:]]*imports[[:space:]]*=' "$cfg"; then
+            if ! grep -E '^[[:space:]]*imports[[:space:]]*=' "$cfg" | grep -qF -e "$dropin" -e "$dropin_dir/*.toml"; then
+                log "adding $dropin to the imports of $cfg"
+                [ "$dry_run" = 1 ] || sed -i -E "0,/^([[:space:]]*imports[[:space:]]*=[[:space:]]*\[)[[:space:]]*(\]?)/s##\1\"$dropin\"\2#" "$cfg"
+                # A non-empty list got `"x"` glued to its first entry: comma.
+                [ "$dry_run" = 1 ] || sed -i -E "s#\"$dropin\"([\"'])#\"$dropin\", \1#" "$cfg"
+                changed=1
+            fi
+        else
+            log "adding imports = [\"$dropin\"] to $cfg"
+            # Top-level keys go before the first table: after `version`.
+            [ "$dry_run" = 1 ] || sed -i "0,/^[[:space:]]*version[[:space:]]*=.*/s##&\nimports = [\"$dropin\"]#" "$cfg"
+            changed=1
+        fi
+    fi
+fi
+
+# CRI needs a sandbox ("pause") image; containerd's default lives in a
+# registry. When none is configured, use the local one install.sh imports.
+if [ "$version" = 2 ]; then
+    if ! grep -q '^[[:space:]]*sandbox_image' "$cfg"; then
+        log "CRI sandbox image: localhost/pause:ember"
+        if [ "$dry_run" = 0 ]; then
+            if grep -q '^[[:space:]]*\[plugins\."io\.containerd\.grpc\.v1\.cri"\]' "$cfg"; then
+                sed -i '0,/^[[:space:]]*\[plugins\."io\.containerd\.grpc\.v1\.cri"\]/s//&\n    sandbox_image = "localhost\/pause:ember"/' "$cfg"
+            else
+                printf '\n[plugins."io.containerd.grpc.v1.cri"]\n  sandbox_image = "localhost/pause:ember"\n' >>"$cfg"
+            fi
+        fi
+        changed=1
+    fi
+elif ! grep -qE '^[[:space:]]*sandbox[[:space:]]*=' "$cfg"; then
+    log "CRI sandbox image: localhost/pause:ember"
+    if [ "$dry_run" = 0 ]; then
+        pinned="^[[:space:]]*\[plugins\.[\"']io\.containerd\.cri\.v1\.images[\"']\.pinned_images\]"
+        if grep -q "$pinned" "$cfg"; then
+            sed -i "0,/$pinned/s//&\n      sandbox = \"localhost\/pause:ember\"/" "$cfg"
+        else
+            printf '\n[plugins."io.containerd.cri.v1.images".pinned_images]\n  sandbox = "localhost/pause:ember"\n' >>"$cfg"
+        fi
+    fi
+    changed=1
+fi
+
+# Without CAP_SYS_RESOURCE (containers, some CI machines) CRI pods fail
+# unless oom_score_adj is restricted.
+capbnd="$(awk '/^CapBnd/ {print $2}' /proc/self/status)"
+if (( ((16#$capbnd) >> 24 & 1) == 0 )) && grep -q 'restrict_oom_score_adj = false' "$cfg"; then
+    log "no CAP_SYS_RESOURCE: restrict_oom_score_adj = true"
+    [ "$dry_run" = 1 ] || sed -i 's/restrict_oom_score_adj = false/restrict_oom_score_adj = true/' "$cfg"
+    changed=1
+fi
+[ "$changed" = 0 ] || echo changed
