@@ -158,7 +158,7 @@ impl Shim for EmberShim {
             let config = self.config.clone().unwrap_or_default();
             let paths = SandboxPaths::new(&config.state_dir, &self.namespace, &pod);
             let mut errors = crate::sandbox::cleanup_state(&paths);
-            errors.extend(mount::unmount_all_under(&self.bundle.join("rootfs")));
+            errors.extend(mount::detach_all_at(&self.bundle.join("rootfs")));
             for e in errors {
                 tracing::warn!(container = %self.id, "cleanup after the shim: {e:#}");
             }

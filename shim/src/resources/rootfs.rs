@@ -5,10 +5,15 @@
 //! itself: it passes the overlay mount in `CreateTaskRequest.rootfs`, and
 //! the shim mounts it on `<bundle>/rootfs`, as runc's shim does. That
 //! directory is then bound (recursively, with private propagation) at
-//! `<share>/<container>/rootfs`, which the guest sees at
-//! `/run/ember/shared/<container>/rootfs`. Writes land in the snapshot's
-//! upper directory, exactly as with runc.
+//! `<mounts>/<container>/rootfs` in the pod's host-only tree; the bind
+//! propagates into the read-only view served over virtio-fs, where the
+//! guest sees it at `/run/ember/shared/<container>/rootfs`. Writes land in
+//! the snapshot's upper directory, exactly as with runc.
 //!
+//! Every path this module creates, mounts on or unmounts lies in the
+//! host-only tree, whose directories the guest cannot write (it sees them
+//! read-only), or in the bundle; never below a mount point the guest can
+//! write. Unmounting checks the mount id first (`mount::unmount`).
 //! Nothing is ever removed recursively while something is still mounted
 //! below it: a leftover bind mount would turn the removal into deleting the
 //! user's data.
@@ -18,7 +23,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use ember_proto::agent;
 
-use super::mount::{self, MountRequest, MountStack};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+use super::mount::{self, MadeMount, MountRequest, MountStack};
 use super::spec::{HostBind, SharePaths};
 
 /// What the host did for one container.
@@ -26,7 +33,7 @@ use super::spec::{HostBind, SharePaths};
 pub struct PreparedContainer {
     /// Every host mount made for the container, in order.
     pub mounts: MountStack,
-    /// `<share>/<container>`.
+    /// `<mounts>/<container>` in the pod's host-only tree.
     pub container_dir: PathBuf,
 }
 
@@ -56,8 +63,8 @@ pub fn guest_rootfs_mount(share: &SharePaths, container_id: &str) -> agent::Moun
 }
 
 /// Mounts containerd's rootfs mounts on the bundle rootfs, binds it and the
-/// spec's host binds into the share. Blocking (mount syscalls). On error,
-/// everything done so far is undone.
+/// spec's host binds into the pod's host-only tree. Blocking (mount
+/// syscalls). On error, everything done so far is undone.
 pub fn prepare(
     container_id: &str,
     rootfs_dir: &Path,
@@ -65,13 +72,23 @@ pub fn prepare(
     share: &SharePaths,
     binds: &[HostBind],
 ) -> anyhow::Result<PreparedContainer> {
+    if !crate::sandbox::paths::is_valid_id(container_id) {
+        bail!("{container_id:?} is not a valid container id");
+    }
     let container_dir = share.container_host(container_id);
-    if container_dir.exists() {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&share.host)
+        .with_context(|| format!("creating {}", share.host.display()))?;
+    match std::fs::DirBuilder::new().mode(0o700).create(&container_dir) {
+        Ok(()) => {}
         // Not ours to clean up: refuse before touching anything.
-        bail!(
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
             "{} already exists: a container with this id is (or was) in this pod",
             container_dir.display()
-        );
+        ),
+        Err(e) => return Err(e).with_context(|| format!("creating {}", container_dir.display())),
     }
     let mut prepared = PreparedContainer {
         mounts: MountStack::default(),
@@ -99,7 +116,7 @@ fn prepare_steps(
             .with_context(|| format!("creating {}", rootfs_dir.display()))?;
         for m in rootfs_mounts {
             mount::mount_request(m, rootfs_dir)?;
-            prepared.mounts.push(rootfs_dir.to_path_buf());
+            prepared.mounts.push(MadeMount::on_top_of(rootfs_dir)?);
         }
     } else if !rootfs_dir.is_dir() {
         bail!(
@@ -109,29 +126,50 @@ fn prepare_steps(
     }
 
     let shared_rootfs = prepared.container_dir.join("rootfs");
-    std::fs::create_dir_all(&shared_rootfs)
-        .with_context(|| format!("creating {}", shared_rootfs.display()))?;
-    mount::bind(rootfs_dir, &shared_rootfs, false)?;
-    prepared.mounts.push(shared_rootfs);
+    create_dir(&shared_rootfs)?;
+    prepared
+        .mounts
+        .push(mount::bind(rootfs_dir, &shared_rootfs, false)?);
 
     for b in binds {
+        if !b.target.starts_with(&prepared.container_dir) {
+            bail!(
+                "bind target {} is outside {}",
+                b.target.display(),
+                prepared.container_dir.display()
+            );
+        }
         let meta = std::fs::metadata(&b.source)
             .with_context(|| format!("bind mount source {}", b.source.display()))?;
-        if meta.is_dir() {
-            std::fs::create_dir_all(&b.target)
-                .with_context(|| format!("creating {}", b.target.display()))?;
-        } else {
-            if let Some(parent) = b.target.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
+        if let Some(parent) = b.target.parent() {
+            if !parent.exists() {
+                create_dir(parent)?;
             }
-            std::fs::File::create(&b.target)
+        }
+        if meta.is_dir() {
+            create_dir(&b.target)?;
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&b.target)
                 .with_context(|| format!("creating {}", b.target.display()))?;
         }
-        mount::bind(&b.source, &b.target, b.readonly)?;
-        prepared.mounts.push(b.target.clone());
+        prepared
+            .mounts
+            .push(mount::bind(&b.source, &b.target, b.readonly)?);
     }
     Ok(())
+}
+
+/// Creates one directory of the host-only tree (never an existing one:
+/// each mount point is new).
+fn create_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Unmounts everything of a container (last first) and removes its
@@ -150,7 +188,7 @@ pub fn cleanup(prepared: &mut PreparedContainer) -> Vec<anyhow::Error> {
 /// Removes `dir` recursively, but only if nothing is mounted at or below
 /// it. A missing directory is fine.
 pub fn remove_dir_if_unmounted(dir: &Path) -> anyhow::Result<()> {
-    if !dir.exists() {
+    if std::fs::symlink_metadata(dir).is_err() {
         return Ok(());
     }
     let info =
@@ -163,6 +201,7 @@ pub fn remove_dir_if_unmounted(dir: &Path) -> anyhow::Result<()> {
             first.display()
         );
     }
+    // Never follows a symlink (std removes links, not their targets).
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -255,10 +294,10 @@ mod tests {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::write(src.join("precious"), "x").unwrap();
         std::fs::create_dir_all(tree.join("m")).unwrap();
-        mount::bind(&src, &tree.join("m"), false).unwrap();
+        let made = mount::bind(&src, &tree.join("m"), false).unwrap();
         assert!(remove_dir_if_unmounted(&tree).is_err());
         assert!(src.join("precious").exists());
-        mount::unmount(&tree.join("m")).unwrap();
+        mount::unmount(&made).unwrap();
         remove_dir_if_unmounted(&tree).unwrap();
         assert!(!tree.exists());
         assert!(src.join("precious").exists());
