@@ -463,7 +463,9 @@ pub fn detach_all_at(point: &Path) -> Vec<anyhow::Error> {
         match umount2(point, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {}
             Err(e) => {
-                errors.push(anyhow::Error::from(e).context(format!("unmounting {}", point.display())));
+                errors.push(
+                    anyhow::Error::from(e).context(format!("unmounting {}", point.display())),
+                );
                 return errors;
             }
         }
@@ -599,7 +601,9 @@ mod tests {
         let made = bind(&src, &dst, true).unwrap();
         assert_eq!(std::fs::read_to_string(dst.join("f")).unwrap(), "x");
         assert_eq!(
-            std::fs::write(dst.join("g"), "y").unwrap_err().raw_os_error(),
+            std::fs::write(dst.join("g"), "y")
+                .unwrap_err()
+                .raw_os_error(),
             Some(libc::EROFS),
             "read-only bind"
         );
@@ -664,9 +668,21 @@ mod tests {
         let ro_bind = bind(&vol, &tree.join("ro"), true).unwrap();
         let rw_bind = bind(&rw, &tree.join("rw"), false).unwrap();
         let erofs = |p: &Path| std::fs::write(p, "x").unwrap_err().raw_os_error();
-        assert_eq!(erofs(&view.join("new")), Some(libc::EROFS), "the view is read-only");
-        assert_eq!(erofs(&view.join("ro/f")), Some(libc::EROFS), "ro volume, view side");
-        assert_eq!(erofs(&tree.join("ro/f")), Some(libc::EROFS), "ro volume, host side");
+        assert_eq!(
+            erofs(&view.join("new")),
+            Some(libc::EROFS),
+            "the view is read-only"
+        );
+        assert_eq!(
+            erofs(&view.join("ro/f")),
+            Some(libc::EROFS),
+            "ro volume, view side"
+        );
+        assert_eq!(
+            erofs(&tree.join("ro/f")),
+            Some(libc::EROFS),
+            "ro volume, host side"
+        );
         std::fs::write(view.join("rw/f"), "x").unwrap();
         assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "x");
         assert!(is_mount_point(&view.join("ro")));

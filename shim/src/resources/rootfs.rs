@@ -81,7 +81,10 @@ pub fn prepare(
         .mode(0o700)
         .create(&share.host)
         .with_context(|| format!("creating {}", share.host.display()))?;
-    match std::fs::DirBuilder::new().mode(0o700).create(&container_dir) {
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&container_dir)
+    {
         Ok(()) => {}
         // Not ours to clean up: refuse before touching anything.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
@@ -301,5 +304,204 @@ mod tests {
         remove_dir_if_unmounted(&tree).unwrap();
         assert!(!tree.exists());
         assert!(src.join("precious").exists());
+    }
+
+    /// Everything below `dir` (not following symlinks): path, kind, and
+    /// the contents of files.
+    fn listing(dir: &Path) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let meta = std::fs::symlink_metadata(&p).unwrap();
+                let what = if meta.is_dir() {
+                    todo.push(p.clone());
+                    "dir".to_string()
+                } else if meta.file_type().is_symlink() {
+                    format!("link {:?}", std::fs::read_link(&p).unwrap())
+                } else {
+                    format!("file {:?}", std::fs::read_to_string(&p).unwrap())
+                };
+                out.push((p, what));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn mount_lines_under(dir: &Path) -> Vec<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mut v: Vec<String> = info
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|p| Path::new(p).starts_with(dir))
+            })
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// 200 rounds of container preparation and cleanup while a thread
+    /// playing guest root races to redirect them at a host directory. The
+    /// planter is a stand-in for the guest: it works by path on the
+    /// served view `shared/`, as the in-process virtio-fs server does for
+    /// the guest (lookups by name below the share's root), and tries what
+    /// CVE-2020-2026-style attacks do: rename a container's `mounts/` away
+    /// and leave symlinks to an outside tmpfs in place of `mounts`,
+    /// `mounts/<n>`, `rootfs` and of the directories of containers yet to
+    /// be created.
+    #[test]
+    fn a_racing_symlink_planter_cannot_redirect_host_mounts() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let paths =
+            crate::sandbox::paths::SandboxPaths::new(&dir.path().join("state"), "ns", "pod");
+        crate::sandbox::prepare_state_dir(&paths).unwrap();
+
+        // The host's own data, outside the share: a tmpfs with a marker.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        nix::mount::mount::<str, Path, str, str>(
+            Some("tmpfs"),
+            &outside,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None,
+        )
+        .unwrap();
+        std::fs::write(outside.join("marker"), "precious").unwrap();
+        std::fs::create_dir(outside.join("dir")).unwrap();
+        let outside_before = listing(&outside);
+        let outside_mounts_before = mount_lines_under(&outside);
+
+        let rootfs = dir.path().join("bundle/rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        let vol = dir.path().join("vol");
+        std::fs::create_dir_all(&vol).unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let share = SharePaths::new(paths.mounts.clone());
+        let ids = ["c0", "c1", "c2"];
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let landed = Arc::new(AtomicUsize::new(0));
+        let tries = Arc::new(AtomicUsize::new(0));
+        let errnos = Arc::new(Mutex::new(
+            std::collections::BTreeMap::<String, usize>::new(),
+        ));
+        let planter = {
+            let (view, outside) = (paths.shared.clone(), outside.clone());
+            let (stop, landed, tries, errnos) =
+                (stop.clone(), landed.clone(), tries.clone(), errnos.clone());
+            std::thread::spawn(move || {
+                use std::os::unix::fs::symlink;
+                while !stop.load(Ordering::Relaxed) {
+                    for id in ids {
+                        let c = view.join(id);
+                        let attempts: [std::io::Result<()>; 7] = [
+                            std::fs::rename(c.join("mounts"), c.join("moved")),
+                            symlink(&outside, c.join("mounts")),
+                            symlink(outside.join("marker"), c.join("mounts/1")),
+                            std::fs::remove_file(c.join("mounts/1")),
+                            symlink(outside.join("dir"), c.join("rootfs")),
+                            symlink(&outside, &c),
+                            std::fs::File::create(c.join("mounts/planted")).map(drop),
+                        ];
+                        for a in attempts {
+                            tries.fetch_add(1, Ordering::Relaxed);
+                            match a {
+                                Ok(()) => {
+                                    landed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    *errnos
+                                        .lock()
+                                        .unwrap()
+                                        .entry(format!("{:?}", e.kind()))
+                                        .or_default() += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        };
+
+        let mut prepared_ok = 0;
+        for round in 0..200 {
+            let id = ids[round % ids.len()];
+            let binds = vec![
+                HostBind {
+                    source: vol.clone(),
+                    target: share.container_host(id).join("mounts/0"),
+                    readonly: false,
+                },
+                HostBind {
+                    source: hosts.clone(),
+                    target: share.container_host(id).join("mounts/1"),
+                    readonly: true,
+                },
+            ];
+            match prepare(id, &rootfs, &[], &share, &binds) {
+                Ok(mut p) => {
+                    // The guest's view has the container's mounts.
+                    assert!(paths.shared.join(id).join("rootfs/bin").is_dir());
+                    let errors = cleanup(&mut p);
+                    assert!(errors.is_empty(), "round {round}: {errors:?}");
+                    prepared_ok += 1;
+                }
+                Err(e) => panic!("round {round}: prepare failed: {e:#}"),
+            }
+            assert!(
+                std::fs::symlink_metadata(share.container_host(id)).is_err(),
+                "round {round}: {id} cleaned up"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        planter.join().unwrap();
+        eprintln!(
+            "planter: {} attempts, {} landed, errors {:?}",
+            tries.load(Ordering::Relaxed),
+            landed.load(Ordering::Relaxed),
+            errnos.lock().unwrap()
+        );
+
+        assert_eq!(prepared_ok, 200);
+        assert!(tries.load(Ordering::Relaxed) > 0, "the planter ran");
+        assert_eq!(
+            landed.load(Ordering::Relaxed),
+            0,
+            "the share's tree is read-only to the guest"
+        );
+        assert_eq!(
+            listing(&outside),
+            outside_before,
+            "nothing outside created or changed"
+        );
+        assert_eq!(
+            mount_lines_under(&outside),
+            outside_mounts_before,
+            "nothing outside (un)mounted"
+        );
+        assert_eq!(
+            mount_lines_under(&paths.state_dir).len(),
+            2,
+            "only the share's own two mounts are left: {:?}",
+            mount_lines_under(&paths.state_dir)
+        );
+        let errors = crate::sandbox::cleanup_state(&paths);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(mount_lines_under(&paths.state_dir).is_empty());
+        assert!(!paths.state_dir.exists());
+        nix::mount::umount2(&outside, nix::mount::MntFlags::empty()).unwrap();
     }
 }

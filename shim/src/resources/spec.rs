@@ -299,7 +299,16 @@ mod tests {
 
     #[test]
     fn container_ids_are_checked_before_any_path_is_built() {
-        for bad in ["../../../../etc", "a/b", "..", ".", "", "-x", "a..b", &"c".repeat(77)] {
+        for bad in [
+            "../../../../etc",
+            "a/b",
+            "..",
+            ".",
+            "",
+            "-x",
+            "a..b",
+            &"c".repeat(77),
+        ] {
             let e = rewrite(&spec(), bad, Path::new("/b"), &share(), None).unwrap_err();
             assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{bad:?}");
             assert!(e.to_string().contains("not a valid identifier"), "{e}");

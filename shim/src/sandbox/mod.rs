@@ -153,7 +153,7 @@ pub fn vm_config(config: &Config, paths: &SandboxPaths, setup: &SandboxSetup) ->
 /// have left there) and the pod's share: the host-only tree `mounts/`, a
 /// shared mount of its own, and `shared/`, its read-only slave view that
 /// virtio-fs serves (see "The pod's share" in shim/README.md). Blocking.
-fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
+pub(crate) fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if std::fs::symlink_metadata(&paths.state_dir).is_ok() {
         tracing::warn!(

@@ -114,7 +114,17 @@ mod tests {
 
     #[test]
     fn free_text_ids_cannot_escape() {
-        for id in ["../../etc", "a/b", "", ".hidden", "x y", "..", "a..b", "a-", "-a"] {
+        for id in [
+            "../../etc",
+            "a/b",
+            "",
+            ".hidden",
+            "x y",
+            "..",
+            "a..b",
+            "a-",
+            "-a",
+        ] {
             let n = dir_name(id);
             assert!(n.starts_with('_'), "{id:?} -> {n}");
             assert!(!n.contains('/'));
@@ -130,7 +140,20 @@ mod tests {
             assert!(is_valid_id(ok), "{ok}");
             assert_eq!(dir_name(ok), ok);
         }
-        for bad in ["", ".", "..", "a/b", "a..b", "a.-b", "-a", "a-", "_a", "a b", "é", &"x".repeat(77)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a..b",
+            "a.-b",
+            "-a",
+            "a-",
+            "_a",
+            "a b",
+            "é",
+            &"x".repeat(77),
+        ] {
             assert!(!is_valid_id(bad), "{bad:?}");
         }
     }
