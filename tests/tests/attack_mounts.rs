@@ -205,8 +205,7 @@ fn state_dir() -> PathBuf {
 fn mount_options(point: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines()
-        .filter(|l| l.split(' ').nth(4) == Some(&*point.to_string_lossy()))
-        .last()
+        .rfind(|l| l.split(' ').nth(4) == Some(&*point.to_string_lossy()))
         .and_then(|l| l.split(' ').nth(5).map(String::from))
 }
 

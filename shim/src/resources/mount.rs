@@ -276,6 +276,8 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// `MS_PRIVATE`, as `struct mount_attr` takes it (a `__u64`).
+const MS_PRIVATE: u64 = 1 << 18;
 
 /// `struct mount_attr` (MOUNT_ATTR_SIZE_VER0).
 #[repr(C)]
@@ -324,7 +326,7 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> anyhow::Result<Made
     let attr = MountAttr {
         attr_set: if readonly { MOUNT_ATTR_RDONLY } else { 0 },
         attr_clr: 0,
-        propagation: MsFlags::MS_PRIVATE.bits() as u64,
+        propagation: MS_PRIVATE,
         userns_fd: 0,
     };
     // SAFETY: the fd is a valid detached tree, the path is an empty C
