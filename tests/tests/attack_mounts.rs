@@ -91,6 +91,7 @@ impl Bait {
         .context("mounting the bait tmpfs")?;
         std::fs::write(bait.tmpfs().join("marker"), MARKER)?;
         std::fs::create_dir(bait.vol())?;
+        std::fs::create_dir(bait.vol_rw())?;
         std::fs::write(bait.vol().join("hello"), "hello from the host\n")?;
         Ok(bait)
     }
@@ -99,9 +100,15 @@ impl Bait {
         self.dir.path().join("tmpfs")
     }
 
-    /// A volume for the containers (not bait: theirs to use).
+    /// A volume for the containers (not bait: theirs to use), mounted
+    /// read-only.
     fn vol(&self) -> PathBuf {
         self.dir.path().join("vol")
+    }
+
+    /// The victim's read-write volume.
+    fn vol_rw(&self) -> PathBuf {
+        self.dir.path().join("vol-rw")
     }
 
     /// Everything in the tmpfs, and whether it is (still) mounted once.
@@ -193,7 +200,10 @@ const TRY: &str = r#"try() { out=$("$@" 2>&1); rc=$?; echo "TRY $* -> rc=$rc $ou
 S=/run/ember/shared
 "#;
 
-/// The `TRY` lines of an attacker's output that succeeded.
+/// The `TRY` lines of an attacker's output that succeeded. (Writes below
+/// a rootfs or a read-write volume mount are the container's own and
+/// allowed; the scripts only try to change the share's structure, and
+/// `ln -T` never creates a link inside an existing directory.)
 fn landed(text: &str) -> Vec<&str> {
     text.lines()
         .filter(|l| l.starts_with("TRY ") && l.contains("-> rc=0"))
@@ -295,7 +305,10 @@ fn scenario(
         "[attack_mounts] pod VM up in {:.1}s",
         t0.elapsed().as_secs_f64()
     );
-    let rw_vol = format!("type=bind,src={vol},dst=/vol,options=rbind:rw");
+    let rw_vol = format!(
+        "type=bind,src={},dst=/vol,options=rbind:rw",
+        bait.vol_rw().display()
+    );
     run(
         ctrd,
         &["-d", "--mount", &rw_vol],
@@ -311,12 +324,13 @@ fn scenario(
 ls -la $S $S/victim $S/victim/mounts
 cd $S/victim
 try mv mounts mounts.away
-try mkdir mounts
-try ln -s {t} mounts/0
+try rmdir mounts/0
+try ln -sT {t} mounts/0
+try ln -s {t} mounts/1
 try mv $S/victim $S/victim.away
-try mkdir -p $S/victim/mounts
-try ln -s {t} $S/victim/rootfs
-try ln -s {t} $S/victim/mounts/0
+try rmdir rootfs
+try ln -sT {t} rootfs
+try mkdir $S/victim/m2
 try ln -s {t}/next $S/next
 try touch $S/planted
 ls -la $S $S/victim
