@@ -197,7 +197,7 @@ fn attack(ctrd: &Containerd, id: &str, script: &str) -> Result<String> {
 /// A shell helper the attacker scripts start with: runs a command and
 /// prints `TRY <cmd> -> rc=<rc> <output>`.
 const TRY: &str = r#"try() { out=$("$@" 2>&1); rc=$?; echo "TRY $* -> rc=$rc $out"; }
-S=/run/ember/shared
+export S=/run/ember/shared
 "#;
 
 /// The `TRY` lines of an attacker's output that succeeded. (Writes below
@@ -363,7 +363,7 @@ ls -la $S $S/victim
         ctrd,
         &["-d", "--mount", &ro_vol],
         "next",
-        &["sleep", "100000"],
+        &["sh", "-c", "cat /vol/hello > /read-from-vol; sleep 100000"],
         RUN_TIMEOUT,
     );
     let after = bait.state();
@@ -375,22 +375,6 @@ ls -la $S $S/victim
     if !next.success() {
         return Ok(());
     }
-    let cat = ctrd.ctr_timeout(
-        &[
-            "task",
-            "exec",
-            "--exec-id",
-            "cat",
-            "next",
-            "cat",
-            "/vol/hello",
-        ],
-        TASK_TIMEOUT,
-    );
-    check(
-        cat.stdout_str().contains("hello from the host"),
-        format!("next reads its volume: {}", cat.describe()),
-    );
 
     // The read-only volume, host side and from guest root through the share.
     let point = state_dir().join("shared/next/mounts/0");
@@ -404,13 +388,18 @@ ls -la $S $S/victim
     );
     let script = format!(
         r#"{TRY}
+echo "next read from its volume: $(cat $S/next/rootfs/read-from-vol)"
 try sh -c 'echo x > $S/next/mounts/0/written'
 try rm $S/next/mounts/0/hello
 try mv $S/next/mounts $S/next/m2
-try sh -c 'echo x > $S/next/rootfs/rw-rootfs-ok'
+try timeout 60 sh -c 'echo x > $S/next/rootfs/rw-rootfs-ok'
 "#
     );
     let seen = attack(ctrd, "attacker2", &script)?;
+    check(
+        seen.contains("next read from its volume: hello from the host"),
+        "next works and reads its read-only volume".into(),
+    );
     let ok = landed(&seen);
     check(
         ok.len() == 1 && ok[0].contains("rw-rootfs-ok"),
