@@ -145,7 +145,7 @@ impl Shim for EmberShim {
             let config = self.config.clone().unwrap_or_default();
             let paths = SandboxPaths::new(&config.state_dir, &self.namespace, &pod);
             let mut errors = crate::sandbox::cleanup_state(&paths);
-            errors.extend(mount::unmount_all_under(&self.bundle.join("rootfs")));
+            errors.extend(mount::detach_all_at(&self.bundle.join("rootfs")));
             // The pod's host cgroup, now that the shim has left it (the
             // sandbox's bundle names it; other bundles find nothing).
             match cgroup::pod_cgroup(

@@ -183,40 +183,221 @@ fn set_propagation(target: &Path, flags: MsFlags) -> anyhow::Result<()> {
         .with_context(|| format!("setting mount propagation of {}", target.display()))
 }
 
-/// Recursively binds `source` onto `target` (which must exist and be of the
-/// same kind, file or directory), makes the new mount private so nothing
-/// mounted below either side propagates to the other, and makes it
-/// read-only if asked. The guest reaches `target` through virtio-fs, so a
-/// read-only volume must be read-only here, not only in the guest.
-pub fn bind(source: &Path, target: &Path, readonly: bool) -> anyhow::Result<()> {
-    mount::<Path, Path, str, str>(
-        Some(source),
-        target,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )
-    .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
-    let rest = (|| {
-        set_propagation(target, MsFlags::MS_PRIVATE | MsFlags::MS_REC)?;
-        if readonly {
-            remount_ro_bind(target)?;
-        }
-        Ok(())
-    })();
-    if rest.is_err() {
-        let _ = unmount(target);
+/// Makes `dir` a mount of its own (a bind onto itself) in a peer group of
+/// its own: private first, so it leaves whatever group its parent is in,
+/// then shared, so that mounts made below it propagate to its slaves (the
+/// read-only view [`read_only_view`] makes).
+pub fn make_own_shared_mount(dir: &Path) -> anyhow::Result<MadeMount> {
+    mount::<Path, Path, str, str>(Some(dir), dir, None, MsFlags::MS_BIND, None)
+        .with_context(|| format!("bind-mounting {} onto itself", dir.display()))?;
+    let made = MadeMount::on_top_of(dir)?;
+    let rest = set_propagation(dir, MsFlags::MS_PRIVATE)
+        .and_then(|()| set_propagation(dir, MsFlags::MS_SHARED));
+    if let Err(e) = rest {
+        let _ = unmount(&made);
+        return Err(e);
     }
-    rest
+    Ok(made)
 }
 
-/// Unmounts `target` once. Not mounted or missing is fine; a busy mount
-/// (e.g. the in-process virtio-fs server still holds a file open) is
-/// detached lazily.
-pub fn unmount(target: &Path) -> anyhow::Result<()> {
-    match umount2(target, MntFlags::empty()) {
+/// Binds `source` (a shared mount) at `target` as its slave, read-only:
+/// mounts made below `source` appear below `target` (each with its own
+/// flags, so a writable rootfs stays writable), but the tree of
+/// directories of `target` itself cannot be written through it.
+pub fn read_only_view(source: &Path, target: &Path) -> anyhow::Result<MadeMount> {
+    mount::<Path, Path, str, str>(Some(source), target, None, MsFlags::MS_BIND, None)
+        .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
+    let made = MadeMount::on_top_of(target)?;
+    let rest = set_propagation(target, MsFlags::MS_SLAVE).and_then(|()| remount_ro_bind(target));
+    if let Err(e) = rest {
+        let _ = unmount(&made);
+        return Err(e);
+    }
+    Ok(made)
+}
+
+/// A mount this process made, and how to recognise it again: the kernel's
+/// mount id of the mount on top of `target` right after it was made.
+/// Unmounting checks the id first, so the shim never unmounts anything it
+/// did not mount itself, whatever is at that path by then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MadeMount {
+    pub target: PathBuf,
+    pub mnt_id: u64,
+}
+
+impl MadeMount {
+    /// Records the mount now on top of `target`.
+    pub fn on_top_of(target: &Path) -> anyhow::Result<MadeMount> {
+        let mnt_id = mount_id(target)
+            .with_context(|| format!("reading the mount id of {}", target.display()))?;
+        Ok(MadeMount {
+            target: target.to_path_buf(),
+            mnt_id,
+        })
+    }
+}
+
+/// The mount id of what `path` names, without following a symlink in its
+/// last component (a symlink reports the mount it lives in, which is never
+/// one the shim made on that path). The 64-bit id that is never reused
+/// (`STATX_MNT_ID_UNIQUE`, Linux 6.8+) where the kernel has it, else the
+/// classic id (which a later mount can get again once this one is gone).
+pub fn mount_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `stx` a valid, writable
+    // statx buffer for the duration of the call.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            STATX_MNT_ID_UNIQUE,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if stx.stx_mask & (STATX_MNT_ID_UNIQUE | STATX_MNT_ID) == 0 {
+        return Err(std::io::Error::other("the kernel reports no mount id"));
+    }
+    Ok(stx.stx_mnt_id)
+}
+
+// From <linux/stat.h> and <linux/mount.h> (the new mount API, Linux 5.12+).
+const STATX_MNT_ID: u32 = 0x1000;
+const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// `MS_PRIVATE`, as `struct mount_attr` takes it (a `__u64`).
+const MS_PRIVATE: u64 = 1 << 18;
+
+/// `struct mount_attr` (MOUNT_ATTR_SIZE_VER0).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Binds `source` (recursively) at `target`, which must exist and be of
+/// the same kind, file or directory, and must not be a symlink (it is not
+/// followed). Returns the mount made.
+///
+/// The bind is built detached (`open_tree(OPEN_TREE_CLONE)`), made private
+/// (nothing mounted later below either side propagates to the other) and,
+/// if asked, read-only on every mount of the tree (`mount_setattr`), and
+/// only then attached (`move_mount`). So it is read-only from its first
+/// moment, and every copy that mount propagation makes of it (the pod's
+/// served view of the share) is a copy of a read-only mount: a bind
+/// remounted read-only afterwards would leave its propagated copies
+/// writable, and the guest reaches those through virtio-fs.
+pub fn bind(source: &Path, target: &Path, readonly: bool) -> anyhow::Result<MadeMount> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let what = || format!("bind-mounting {} on {}", source.display(), target.display());
+    let src = std::ffi::CString::new(source.as_os_str().as_bytes()).with_context(what)?;
+    let dst = std::ffi::CString::new(target.as_os_str().as_bytes()).with_context(what)?;
+    // SAFETY: `src` is a NUL-terminated path; the call returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("open_tree {}", source.display()))
+            .with_context(what);
+    }
+    // SAFETY: `fd` was just returned by open_tree and is owned by no one
+    // else; dropping it unmounts the tree if it was never attached.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let attr = MountAttr {
+        attr_set: if readonly { MOUNT_ATTR_RDONLY } else { 0 },
+        attr_clr: 0,
+        propagation: MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: the fd is a valid detached tree, the path is an empty C
+    // string, and `attr` is a valid mount_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("mount_setattr (private, read-only if asked)")
+            .with_context(what);
+    }
+    // SAFETY: the fd is a valid detached tree and `dst` a NUL-terminated
+    // path; without MOVE_MOUNT_T_SYMLINKS a symlink at `dst` is not
+    // followed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("move_mount")
+            .with_context(what);
+    }
+    drop(tree);
+    let made = MadeMount::on_top_of(target);
+    if made.is_err() {
+        let _ = umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+    }
+    made
+}
+
+/// Unmounts a mount this process made, after checking that the mount on
+/// top of its target is still that one (by mount id; a symlink in the
+/// last component is never followed). Gone already is fine; something
+/// else there is an error and is left alone. A busy mount (the in-process
+/// virtio-fs server still holds a file open) is detached lazily.
+pub fn unmount(made: &MadeMount) -> anyhow::Result<()> {
+    let target = &made.target;
+    match mount_id(target) {
+        Ok(id) if id == made.mnt_id => {}
+        Ok(id) => {
+            // Our mount is gone (only we unmount it, so this is a bug or
+            // someone else's doing); what is there now is not ours.
+            bail!(
+                "not unmounting {}: mount {id} there is not the mount {} the shim made",
+                target.display(),
+                made.mnt_id
+            );
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("checking the mount on {}", target.display()))
+        }
+    }
+    match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
         Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
-        Err(Errno::EBUSY) => umount2(target, MntFlags::MNT_DETACH)
+        Err(Errno::EBUSY) => umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
             .with_context(|| format!("lazily unmounting busy {}", target.display())),
         Err(e) => Err(e).with_context(|| format!("unmounting {}", target.display())),
     }
@@ -243,7 +424,7 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 /// Mount points listed in `mountinfo` text that are `dir` or below it,
-/// deepest first (the order to unmount them in).
+/// deepest first.
 pub fn mount_points_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     let mut points: Vec<PathBuf> = mountinfo
         .lines()
@@ -258,57 +439,76 @@ pub fn mount_points_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     points
 }
 
-/// Unmounts everything mounted at or below `dir`, deepest first, each
-/// detached lazily (this is cleanup after a crash: nothing may block it).
-/// Returns the failures.
-pub fn unmount_all_under(dir: &Path) -> Vec<anyhow::Error> {
-    let info = match std::fs::read_to_string("/proc/self/mountinfo") {
-        Ok(i) => i,
-        Err(e) => return vec![anyhow::Error::from(e).context("reading /proc/self/mountinfo")],
-    };
+fn read_mountinfo() -> anyhow::Result<String> {
+    std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")
+}
+
+/// Most mounts stacked on one path that crash cleanup takes off.
+const MAX_STACKED: usize = 64;
+
+/// Detaches (lazily, with everything mounted below) every mount stacked
+/// exactly at `point`, as mountinfo lists them. This is cleanup after a
+/// crash, when the ids of the shim's mounts are lost: it never resolves a
+/// path below `point` (whose contents may be the guest's to write), never
+/// follows a symlink at `point`, and a lazy detach takes the submounts
+/// along. Returns the failures.
+pub fn detach_all_at(point: &Path) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
-    for point in mount_points_under(&info, dir) {
-        if let Err(e) = umount2(&point, MntFlags::MNT_DETACH) {
-            if e != Errno::EINVAL && e != Errno::ENOENT {
+    for _ in 0..MAX_STACKED {
+        let info = match read_mountinfo() {
+            Ok(i) => i,
+            Err(e) => return vec![e],
+        };
+        if !mount_points_under(&info, point).iter().any(|p| p == point) {
+            return errors;
+        }
+        match umount2(point, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => {}
+            Err(e) => {
                 errors.push(
                     anyhow::Error::from(e).context(format!("unmounting {}", point.display())),
                 );
+                return errors;
             }
         }
     }
+    errors.push(anyhow::anyhow!(
+        "more than {MAX_STACKED} mounts stacked on {}; left the rest",
+        point.display()
+    ));
     errors
 }
 
 /// The mounts made for one purpose, undone in reverse order.
 #[derive(Debug, Default)]
 pub struct MountStack {
-    targets: Vec<PathBuf>,
+    made: Vec<MadeMount>,
 }
 
 impl MountStack {
-    pub fn push(&mut self, target: PathBuf) {
-        self.targets.push(target);
+    pub fn push(&mut self, made: MadeMount) {
+        self.made.push(made);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
+        self.made.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.targets.len()
+        self.made.len()
     }
 
     /// Moves `other`'s mounts on top of this stack.
     pub fn append(&mut self, other: &mut MountStack) {
-        self.targets.append(&mut other.targets);
+        self.made.append(&mut other.made);
     }
 
     /// Unmounts everything, last first. Keeps going after a failure and
     /// returns the failures.
     pub fn unmount_all(&mut self) -> Vec<anyhow::Error> {
         let mut errors = Vec::new();
-        while let Some(t) = self.targets.pop() {
-            if let Err(e) = unmount(&t) {
+        while let Some(m) = self.made.pop() {
+            if let Err(e) = unmount(&m) {
                 errors.push(e);
             }
         }
@@ -372,14 +572,20 @@ mod tests {
     }
 
     #[test]
-    fn unmounting_what_is_not_mounted_is_fine() {
+    fn unmounting_what_is_gone_is_fine() {
         let dir = tempfile::tempdir().unwrap();
-        unmount(dir.path()).unwrap();
-        unmount(&dir.path().join("missing")).unwrap();
         let mut stack = MountStack::default();
-        stack.push(dir.path().to_path_buf());
+        stack.push(MadeMount {
+            target: dir.path().join("missing"),
+            mnt_id: 1,
+        });
         assert!(stack.unmount_all().is_empty());
         assert!(stack.is_empty());
+    }
+
+    fn is_mount_point(p: &Path) -> bool {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        mount_points_under(&info, p).iter().any(|m| m == p)
     }
 
     #[test]
@@ -394,15 +600,99 @@ mod tests {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::create_dir_all(&dst).unwrap();
         std::fs::write(src.join("f"), "x").unwrap();
-        bind(&src, &dst, true).unwrap();
+        let made = bind(&src, &dst, true).unwrap();
         assert_eq!(std::fs::read_to_string(dst.join("f")).unwrap(), "x");
-        assert!(
-            std::fs::write(dst.join("g"), "y").is_err(),
+        assert_eq!(
+            std::fs::write(dst.join("g"), "y")
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EROFS),
             "read-only bind"
         );
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert_eq!(mount_points_under(&info, &dst).len(), 1);
-        assert!(unmount_all_under(dir.path()).is_empty());
+        assert!(is_mount_point(&dst));
+        unmount(&made).unwrap();
+        assert!(!is_mount_point(&dst));
         assert!(!dst.join("f").exists());
+        assert!(src.join("f").exists());
+    }
+
+    #[test]
+    fn a_mount_that_is_not_ours_is_left_alone() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst, other) = (
+            dir.path().join("src"),
+            dir.path().join("dst"),
+            dir.path().join("other"),
+        );
+        for d in [&src, &dst, &other] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let made = bind(&src, &dst, false).unwrap();
+        // Someone swaps our mount for another one, then for a symlink.
+        umount2(&dst, MntFlags::empty()).unwrap();
+        let theirs = bind(&other, &dst, false).unwrap();
+        let e = unmount(&made).unwrap_err();
+        assert!(format!("{e:#}").contains("not the mount"), "{e:#}");
+        assert!(is_mount_point(&dst));
+        unmount(&theirs).unwrap();
+        std::fs::remove_dir(&dst).unwrap();
+        std::os::unix::fs::symlink(&other, &dst).unwrap();
+        let other_mount = bind(&src, &other, false).unwrap();
+        assert!(unmount(&made).is_err(), "a symlink is not our mount");
+        assert!(is_mount_point(&other), "the symlink's target stays mounted");
+        unmount(&other_mount).unwrap();
+    }
+
+    #[test]
+    fn read_only_binds_propagate_read_only_into_the_view() {
+        // The layout of a pod's share: binds made in the host-only tree
+        // appear in the read-only view with their own flags.
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (tree, view, vol, rw) = (
+            dir.path().join("tree"),
+            dir.path().join("view"),
+            dir.path().join("vol"),
+            dir.path().join("rw"),
+        );
+        for d in [&tree, &view, &vol, &rw] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let tree_mount = make_own_shared_mount(&tree).unwrap();
+        let view_mount = read_only_view(&tree, &view).unwrap();
+        std::fs::create_dir_all(tree.join("ro")).unwrap();
+        std::fs::create_dir_all(tree.join("rw")).unwrap();
+        let ro_bind = bind(&vol, &tree.join("ro"), true).unwrap();
+        let rw_bind = bind(&rw, &tree.join("rw"), false).unwrap();
+        let erofs = |p: &Path| std::fs::write(p, "x").unwrap_err().raw_os_error();
+        assert_eq!(
+            erofs(&view.join("new")),
+            Some(libc::EROFS),
+            "the view is read-only"
+        );
+        assert_eq!(
+            erofs(&view.join("ro/f")),
+            Some(libc::EROFS),
+            "ro volume, view side"
+        );
+        assert_eq!(
+            erofs(&tree.join("ro/f")),
+            Some(libc::EROFS),
+            "ro volume, host side"
+        );
+        std::fs::write(view.join("rw/f"), "x").unwrap();
+        assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "x");
+        assert!(is_mount_point(&view.join("ro")));
+        unmount(&ro_bind).unwrap();
+        unmount(&rw_bind).unwrap();
+        assert!(!is_mount_point(&view.join("ro")), "unmounts propagate");
+        assert!(!is_mount_point(&view.join("rw")));
+        unmount(&view_mount).unwrap();
+        unmount(&tree_mount).unwrap();
     }
 }

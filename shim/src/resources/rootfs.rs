@@ -5,10 +5,15 @@
 //! itself: it passes the overlay mount in `CreateTaskRequest.rootfs`, and
 //! the shim mounts it on `<bundle>/rootfs`, as runc's shim does. That
 //! directory is then bound (recursively, with private propagation) at
-//! `<share>/<container>/rootfs`, which the guest sees at
-//! `/run/ember/shared/<container>/rootfs`. Writes land in the snapshot's
-//! upper directory, exactly as with runc.
+//! `<mounts>/<container>/rootfs` in the pod's host-only tree; the bind
+//! propagates into the read-only view served over virtio-fs, where the
+//! guest sees it at `/run/ember/shared/<container>/rootfs`. Writes land in
+//! the snapshot's upper directory, exactly as with runc.
 //!
+//! Every path this module creates, mounts on or unmounts lies in the
+//! host-only tree, whose directories the guest cannot write (it sees them
+//! read-only), or in the bundle; never below a mount point the guest can
+//! write. Unmounting checks the mount id first (`mount::unmount`).
 //! Nothing is ever removed recursively while something is still mounted
 //! below it: a leftover bind mount would turn the removal into deleting the
 //! user's data.
@@ -18,7 +23,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use ember_proto::agent;
 
-use super::mount::{self, MountRequest, MountStack};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+use super::mount::{self, MadeMount, MountRequest, MountStack};
 use super::spec::{HostBind, SharePaths};
 
 /// What the host did for one container.
@@ -26,7 +33,7 @@ use super::spec::{HostBind, SharePaths};
 pub struct PreparedContainer {
     /// Every host mount made for the container, in order.
     pub mounts: MountStack,
-    /// `<share>/<container>`.
+    /// `<mounts>/<container>` in the pod's host-only tree.
     pub container_dir: PathBuf,
 }
 
@@ -56,8 +63,8 @@ pub fn guest_rootfs_mount(share: &SharePaths, container_id: &str) -> agent::Moun
 }
 
 /// Mounts containerd's rootfs mounts on the bundle rootfs, binds it and the
-/// spec's host binds into the share. Blocking (mount syscalls). On error,
-/// everything done so far is undone.
+/// spec's host binds into the pod's host-only tree. Blocking (mount
+/// syscalls). On error, everything done so far is undone.
 pub fn prepare(
     container_id: &str,
     rootfs_dir: &Path,
@@ -65,13 +72,26 @@ pub fn prepare(
     share: &SharePaths,
     binds: &[HostBind],
 ) -> anyhow::Result<PreparedContainer> {
+    if !crate::sandbox::paths::is_valid_id(container_id) {
+        bail!("{container_id:?} is not a valid container id");
+    }
     let container_dir = share.container_host(container_id);
-    if container_dir.exists() {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&share.host)
+        .with_context(|| format!("creating {}", share.host.display()))?;
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&container_dir)
+    {
+        Ok(()) => {}
         // Not ours to clean up: refuse before touching anything.
-        bail!(
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
             "{} already exists: a container with this id is (or was) in this pod",
             container_dir.display()
-        );
+        ),
+        Err(e) => return Err(e).with_context(|| format!("creating {}", container_dir.display())),
     }
     let mut prepared = PreparedContainer {
         mounts: MountStack::default(),
@@ -99,7 +119,7 @@ fn prepare_steps(
             .with_context(|| format!("creating {}", rootfs_dir.display()))?;
         for m in rootfs_mounts {
             mount::mount_request(m, rootfs_dir)?;
-            prepared.mounts.push(rootfs_dir.to_path_buf());
+            prepared.mounts.push(MadeMount::on_top_of(rootfs_dir)?);
         }
     } else if !rootfs_dir.is_dir() {
         bail!(
@@ -109,29 +129,50 @@ fn prepare_steps(
     }
 
     let shared_rootfs = prepared.container_dir.join("rootfs");
-    std::fs::create_dir_all(&shared_rootfs)
-        .with_context(|| format!("creating {}", shared_rootfs.display()))?;
-    mount::bind(rootfs_dir, &shared_rootfs, false)?;
-    prepared.mounts.push(shared_rootfs);
+    create_dir(&shared_rootfs)?;
+    prepared
+        .mounts
+        .push(mount::bind(rootfs_dir, &shared_rootfs, false)?);
 
     for b in binds {
+        if !b.target.starts_with(&prepared.container_dir) {
+            bail!(
+                "bind target {} is outside {}",
+                b.target.display(),
+                prepared.container_dir.display()
+            );
+        }
         let meta = std::fs::metadata(&b.source)
             .with_context(|| format!("bind mount source {}", b.source.display()))?;
-        if meta.is_dir() {
-            std::fs::create_dir_all(&b.target)
-                .with_context(|| format!("creating {}", b.target.display()))?;
-        } else {
-            if let Some(parent) = b.target.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
+        if let Some(parent) = b.target.parent() {
+            if !parent.exists() {
+                create_dir(parent)?;
             }
-            std::fs::File::create(&b.target)
+        }
+        if meta.is_dir() {
+            create_dir(&b.target)?;
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&b.target)
                 .with_context(|| format!("creating {}", b.target.display()))?;
         }
-        mount::bind(&b.source, &b.target, b.readonly)?;
-        prepared.mounts.push(b.target.clone());
+        prepared
+            .mounts
+            .push(mount::bind(&b.source, &b.target, b.readonly)?);
     }
     Ok(())
+}
+
+/// Creates one directory of the host-only tree (never an existing one:
+/// each mount point is new).
+fn create_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Unmounts everything of a container (last first) and removes its
@@ -150,7 +191,7 @@ pub fn cleanup(prepared: &mut PreparedContainer) -> Vec<anyhow::Error> {
 /// Removes `dir` recursively, but only if nothing is mounted at or below
 /// it. A missing directory is fine.
 pub fn remove_dir_if_unmounted(dir: &Path) -> anyhow::Result<()> {
-    if !dir.exists() {
+    if std::fs::symlink_metadata(dir).is_err() {
         return Ok(());
     }
     let info =
@@ -163,6 +204,7 @@ pub fn remove_dir_if_unmounted(dir: &Path) -> anyhow::Result<()> {
             first.display()
         );
     }
+    // Never follows a symlink (std removes links, not their targets).
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -255,12 +297,211 @@ mod tests {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::write(src.join("precious"), "x").unwrap();
         std::fs::create_dir_all(tree.join("m")).unwrap();
-        mount::bind(&src, &tree.join("m"), false).unwrap();
+        let made = mount::bind(&src, &tree.join("m"), false).unwrap();
         assert!(remove_dir_if_unmounted(&tree).is_err());
         assert!(src.join("precious").exists());
-        mount::unmount(&tree.join("m")).unwrap();
+        mount::unmount(&made).unwrap();
         remove_dir_if_unmounted(&tree).unwrap();
         assert!(!tree.exists());
         assert!(src.join("precious").exists());
+    }
+
+    /// Everything below `dir` (not following symlinks): path, kind, and
+    /// the contents of files.
+    fn listing(dir: &Path) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let meta = std::fs::symlink_metadata(&p).unwrap();
+                let what = if meta.is_dir() {
+                    todo.push(p.clone());
+                    "dir".to_string()
+                } else if meta.file_type().is_symlink() {
+                    format!("link {:?}", std::fs::read_link(&p).unwrap())
+                } else {
+                    format!("file {:?}", std::fs::read_to_string(&p).unwrap())
+                };
+                out.push((p, what));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn mount_lines_under(dir: &Path) -> Vec<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mut v: Vec<String> = info
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|p| Path::new(p).starts_with(dir))
+            })
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// 200 rounds of container preparation and cleanup while a thread
+    /// playing guest root races to redirect them at a host directory. The
+    /// planter is a stand-in for the guest: it works by path on the
+    /// served view `shared/`, as the in-process virtio-fs server does for
+    /// the guest (lookups by name below the share's root), and tries what
+    /// CVE-2020-2026-style attacks do: rename a container's `mounts/` away
+    /// and leave symlinks to an outside tmpfs in place of `mounts`,
+    /// `mounts/<n>`, `rootfs` and of the directories of containers yet to
+    /// be created.
+    #[test]
+    fn a_racing_symlink_planter_cannot_redirect_host_mounts() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let paths =
+            crate::sandbox::paths::SandboxPaths::new(&dir.path().join("state"), "ns", "pod");
+        crate::sandbox::prepare_state_dir(&paths).unwrap();
+
+        // The host's own data, outside the share: a tmpfs with a marker.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        nix::mount::mount::<str, Path, str, str>(
+            Some("tmpfs"),
+            &outside,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None,
+        )
+        .unwrap();
+        std::fs::write(outside.join("marker"), "precious").unwrap();
+        std::fs::create_dir(outside.join("dir")).unwrap();
+        let outside_before = listing(&outside);
+        let outside_mounts_before = mount_lines_under(&outside);
+
+        let rootfs = dir.path().join("bundle/rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        let vol = dir.path().join("vol");
+        std::fs::create_dir_all(&vol).unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let share = SharePaths::new(paths.mounts.clone());
+        let ids = ["c0", "c1", "c2"];
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let landed = Arc::new(AtomicUsize::new(0));
+        let tries = Arc::new(AtomicUsize::new(0));
+        let errnos = Arc::new(Mutex::new(
+            std::collections::BTreeMap::<String, usize>::new(),
+        ));
+        let planter = {
+            let (view, outside) = (paths.shared.clone(), outside.clone());
+            let (stop, landed, tries, errnos) =
+                (stop.clone(), landed.clone(), tries.clone(), errnos.clone());
+            std::thread::spawn(move || {
+                use std::os::unix::fs::symlink;
+                while !stop.load(Ordering::Relaxed) {
+                    for id in ids {
+                        let c = view.join(id);
+                        let attempts: [std::io::Result<()>; 7] = [
+                            std::fs::rename(c.join("mounts"), c.join("moved")),
+                            symlink(&outside, c.join("mounts")),
+                            symlink(outside.join("marker"), c.join("mounts/1")),
+                            std::fs::remove_file(c.join("mounts/1")),
+                            symlink(outside.join("dir"), c.join("rootfs")),
+                            symlink(&outside, &c),
+                            std::fs::File::create(c.join("mounts/planted")).map(drop),
+                        ];
+                        for a in attempts {
+                            tries.fetch_add(1, Ordering::Relaxed);
+                            match a {
+                                Ok(()) => {
+                                    landed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    *errnos
+                                        .lock()
+                                        .unwrap()
+                                        .entry(format!("{:?}", e.kind()))
+                                        .or_default() += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        };
+
+        let mut prepared_ok = 0;
+        for round in 0..200 {
+            let id = ids[round % ids.len()];
+            let binds = vec![
+                HostBind {
+                    source: vol.clone(),
+                    target: share.container_host(id).join("mounts/0"),
+                    readonly: false,
+                },
+                HostBind {
+                    source: hosts.clone(),
+                    target: share.container_host(id).join("mounts/1"),
+                    readonly: true,
+                },
+            ];
+            match prepare(id, &rootfs, &[], &share, &binds) {
+                Ok(mut p) => {
+                    // The guest's view has the container's mounts.
+                    assert!(paths.shared.join(id).join("rootfs/bin").is_dir());
+                    let errors = cleanup(&mut p);
+                    assert!(errors.is_empty(), "round {round}: {errors:?}");
+                    prepared_ok += 1;
+                }
+                Err(e) => panic!("round {round}: prepare failed: {e:#}"),
+            }
+            assert!(
+                std::fs::symlink_metadata(share.container_host(id)).is_err(),
+                "round {round}: {id} cleaned up"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        planter.join().unwrap();
+        eprintln!(
+            "planter: {} attempts, {} landed, errors {:?}",
+            tries.load(Ordering::Relaxed),
+            landed.load(Ordering::Relaxed),
+            errnos.lock().unwrap()
+        );
+
+        assert_eq!(prepared_ok, 200);
+        assert!(tries.load(Ordering::Relaxed) > 0, "the planter ran");
+        assert_eq!(
+            landed.load(Ordering::Relaxed),
+            0,
+            "the share's tree is read-only to the guest"
+        );
+        assert_eq!(
+            listing(&outside),
+            outside_before,
+            "nothing outside created or changed"
+        );
+        assert_eq!(
+            mount_lines_under(&outside),
+            outside_mounts_before,
+            "nothing outside (un)mounted"
+        );
+        assert_eq!(
+            mount_lines_under(&paths.state_dir).len(),
+            2,
+            "only the share's own two mounts are left: {:?}",
+            mount_lines_under(&paths.state_dir)
+        );
+        let errors = crate::sandbox::cleanup_state(&paths);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(mount_lines_under(&paths.state_dir).is_empty());
+        assert!(!paths.state_dir.exists());
+        nix::mount::umount2(&outside, nix::mount::MntFlags::empty()).unwrap();
     }
 }

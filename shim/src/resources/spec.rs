@@ -35,8 +35,25 @@ pub const GUEST_SHARED_DIR: &str = "/run/ember/shared";
 /// The pod's share, as the host and the guest see it.
 #[derive(Debug, Clone)]
 pub struct SharePaths {
+    /// The host-only tree where the shim makes the containers' mount
+    /// points (`<state>/<ns>/<pod>/mounts`). The guest sees it through a
+    /// read-only view (`shared/`) and can write none of its directories,
+    /// so paths below it (up to a mount point) are the shim's alone.
     pub host: PathBuf,
     pub guest: String,
+}
+
+/// Checks a container id (or a namespace) against containerd's rules
+/// before it becomes part of any host path.
+pub fn check_id(what: &str, id: &str) -> Result<()> {
+    if crate::sandbox::paths::is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{what} {id:?} is not a valid identifier: letters and digits, single `.`, `_` or `-` between them, at most {} characters",
+            crate::sandbox::paths::MAX_ID_LEN
+        )))
+    }
 }
 
 impl SharePaths {
@@ -47,8 +64,10 @@ impl SharePaths {
         }
     }
 
-    /// A container's directory in the share, on the host.
+    /// A container's directory in the host-only tree. `container_id` must
+    /// have passed [`check_id`].
     pub fn container_host(&self, container_id: &str) -> PathBuf {
+        debug_assert!(crate::sandbox::paths::is_valid_id(container_id));
         self.host.join(container_id)
     }
 
@@ -123,6 +142,7 @@ pub fn rewrite(
     share: &SharePaths,
     sandbox_pid: Option<u32>,
 ) -> Result<GuestSpec> {
+    check_id("container id", container_id)?;
     let mut spec = spec.clone();
     let obj = spec
         .as_object_mut()
@@ -217,7 +237,7 @@ mod tests {
     use serde_json::json;
 
     fn share() -> SharePaths {
-        SharePaths::new("/run/ember/default/pod/shared".into())
+        SharePaths::new("/run/ember/default/pod/mounts".into())
     }
 
     fn spec() -> Value {
@@ -264,21 +284,40 @@ mod tests {
             vec![
                 HostBind {
                     source: "/srv/data".into(),
-                    target: "/run/ember/default/pod/shared/c1/mounts/0".into(),
+                    target: "/run/ember/default/pod/mounts/c1/mounts/0".into(),
                     readonly: true,
                 },
                 HostBind {
                     source: "/var/lib/x/hosts".into(),
-                    target: "/run/ember/default/pod/shared/c1/mounts/1".into(),
+                    target: "/run/ember/default/pod/mounts/c1/mounts/1".into(),
                     readonly: false,
                 },
                 HostBind {
                     source: "/bundle/c1/relative/dir".into(),
-                    target: "/run/ember/default/pod/shared/c1/mounts/2".into(),
+                    target: "/run/ember/default/pod/mounts/c1/mounts/2".into(),
                     readonly: false,
                 },
             ]
         );
+    }
+
+    #[test]
+    fn container_ids_are_checked_before_any_path_is_built() {
+        for bad in [
+            "../../../../etc",
+            "a/b",
+            "..",
+            ".",
+            "",
+            "-x",
+            "a..b",
+            &"c".repeat(77),
+        ] {
+            let e = rewrite(&spec(), bad, Path::new("/b"), &share(), None).unwrap_err();
+            assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{bad:?}");
+            assert!(e.to_string().contains("not a valid identifier"), "{e}");
+        }
+        assert!(rewrite(&spec(), "a.b-c_d", Path::new("/b"), &share(), None).is_ok());
     }
 
     #[test]

@@ -150,11 +150,12 @@ pub fn vm_config(config: &Config, paths: &SandboxPaths, setup: &SandboxSetup) ->
 }
 
 /// Creates the pod's state directory (cleaning what a crashed shim may
-/// have left there) and makes its share a private mount, so that nothing
-/// mounted below it propagates anywhere else. Blocking.
-fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
+/// have left there) and the pod's share: the host-only tree `mounts/`, a
+/// shared mount of its own, and `shared/`, its read-only slave view that
+/// virtio-fs serves (see "The pod's share" in shim/README.md). Blocking.
+pub(crate) fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    if paths.state_dir.exists() {
+    if std::fs::symlink_metadata(&paths.state_dir).is_ok() {
         tracing::warn!(
             "{} exists (left by a crashed shim?); cleaning it",
             paths.state_dir.display()
@@ -163,25 +164,38 @@ fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
             tracing::warn!("{e:#}");
         }
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&paths.shared)
-        .with_context(|| format!("creating {}", paths.shared.display()))?;
+    for dir in [&paths.mounts, &paths.shared] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
     if let Some(dir) = paths.vsock.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    mount::bind(&paths.shared, &paths.shared, false)
-        .context("making the pod's share a private mount")?;
+    let tree = mount::make_own_shared_mount(&paths.mounts)
+        .context("making the pod's mount tree a shared mount")?;
+    if let Err(e) = mount::read_only_view(&paths.mounts, &paths.shared) {
+        let _ = mount::unmount(&tree);
+        return Err(e.context("binding the pod's share read-only"));
+    }
     Ok(())
 }
 
-/// Removes everything of a pod from the host: unmounts what is mounted
-/// under its state directory (deepest first), removes the directory, and
-/// the socket if it lives elsewhere. Used at teardown and by `delete`
-/// after a crash. Blocking. Returns what failed.
+/// Removes everything of a pod from the host: detaches the share's two
+/// mounts (and with them everything mounted below them), removes the
+/// directory (only if nothing is mounted below it any more), and the
+/// socket if it lives elsewhere. Used at teardown and by `delete` after a
+/// crash. Blocking. Returns what failed.
+///
+/// Only mounts exactly at `shared/` and `mounts/` are unmounted: paths
+/// deeper down may run through directories the guest can write (a
+/// container's rootfs), so they are never resolved here; a lazy detach of
+/// the top takes them along.
 pub fn cleanup_state(paths: &SandboxPaths) -> Vec<anyhow::Error> {
-    let mut errors = mount::unmount_all_under(&paths.state_dir);
+    let mut errors = mount::detach_all_at(&paths.shared);
+    errors.extend(mount::detach_all_at(&paths.mounts));
     if let Err(e) = rootfs::remove_dir_if_unmounted(&paths.state_dir) {
         errors.push(e);
     }
@@ -216,6 +230,7 @@ impl Sandbox {
         events: EventSink,
         setup: SandboxSetup,
     ) -> Result<Arc<Sandbox>> {
+        ocispec::check_id("namespace", &setup.namespace)?;
         let paths = SandboxPaths::new(&config.state_dir, &setup.namespace, &setup.id);
         let p = paths.clone();
         blocking("preparing the state directory", move || {
@@ -271,7 +286,7 @@ impl Sandbox {
         ));
         let sandbox = Arc::new(Sandbox {
             id: setup.id.clone(),
-            share: SharePaths::new(paths.shared.clone()),
+            share: SharePaths::new(paths.mounts.clone()),
             paths,
             boot: booted.report,
             agent,
@@ -1060,7 +1075,7 @@ impl Sandbox {
     pub(crate) fn for_tests(paths: SandboxPaths, agent: Agent, events: EventSink) -> Arc<Sandbox> {
         let sandbox = Arc::new(Sandbox {
             id: "test-pod".into(),
-            share: SharePaths::new(paths.shared.clone()),
+            share: SharePaths::new(paths.mounts.clone()),
             paths,
             boot: BootReport {
                 cpu_template: ember_vmm::CpuTemplate::Auto,
