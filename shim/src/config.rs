@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ember_vmm::arch::x86_64::mptable::MAX_VCPUS;
+use ember_vmm::devices::legacy::console_log::MIN_MAX_BYTES as MIN_CONSOLE_LOG_MAX_BYTES;
 use ember_vmm::memory::MIN_MEM_MIB;
 use ember_vmm::CpuTemplate;
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,11 @@ pub struct Config {
     /// answers; after that the template is discarded and the pod boots
     /// cold.
     pub template_restore_timeout_secs: u64,
+    /// Cap (bytes) of a pod's guest console log
+    /// (`<state_dir>/<namespace>/<pod>/console.log`): past it the log is
+    /// rotated to `console.log.1`, so a pod's console never takes more
+    /// than twice this on the host. At least 4096.
+    pub console_log_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -92,6 +98,7 @@ impl Default for Config {
             templates: true,
             template_dir: "/var/lib/ember/templates".into(),
             template_restore_timeout_secs: 30,
+            console_log_max_bytes: ember_vmm::config::DEFAULT_CONSOLE_LOG_MAX_BYTES,
         }
     }
 }
@@ -182,6 +189,12 @@ impl Config {
         }
         if self.template_restore_timeout_secs == 0 {
             bail!("template_restore_timeout_secs must be more than 0");
+        }
+        if self.console_log_max_bytes < MIN_CONSOLE_LOG_MAX_BYTES {
+            bail!(
+                "console_log_max_bytes must be at least {MIN_CONSOLE_LOG_MAX_BYTES}, not {}",
+                self.console_log_max_bytes
+            );
         }
         if !self.template_dir.is_absolute() {
             bail!(
@@ -277,6 +290,7 @@ mod tests {
             templates = false
             template_dir = "/tmp/templates"
             template_restore_timeout_secs = 5
+            console_log_max_bytes = 65536
             "#,
         )
         .unwrap();
@@ -289,6 +303,7 @@ mod tests {
         assert!(!c.templates);
         assert_eq!(c.template_dir, PathBuf::from("/tmp/templates"));
         assert_eq!(c.template_restore_timeout(), Duration::from_secs(5));
+        assert_eq!(c.console_log_max_bytes, 65536);
     }
 
     #[test]
@@ -315,6 +330,7 @@ mod tests {
         assert!(err("template_restore_timeout_secs = 0").contains("template_restore"));
         assert!(err("enable_annotations = [\"io.ember.group\"]").contains("io.ember.group"));
         assert!(err("log_level = \"info,=[\"").contains("log_level"));
+        assert!(err("console_log_max_bytes = 100").contains("console_log_max_bytes"));
     }
 
     #[test]

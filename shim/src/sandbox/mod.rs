@@ -146,6 +146,7 @@ pub fn vm_config(config: &Config, paths: &SandboxPaths, setup: &SandboxSetup) ->
         shared_dir: paths.shared.clone(),
     }];
     vm.console_log = Some(paths.console_log.clone());
+    vm.console_log_max_bytes = config.console_log_max_bytes;
     vm
 }
 
