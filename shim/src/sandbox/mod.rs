@@ -509,6 +509,7 @@ impl Sandbox {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), container.clone());
+        self.oom.track(&id);
 
         self.events
             .publish(TaskCreate {
