@@ -147,7 +147,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 
 /// Creates (or truncates) `path` for writing, 0600 whatever the umask:
 /// snapshot files hold guest memory and device state.
-fn create_private(path: &Path) -> std::io::Result<File> {
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -411,7 +411,11 @@ mod tests {
             .cached_identity(&crate::config::VmConfig::new(&kernel))
             .unwrap();
         assert_eq!(mode(store.dir()), 0o700);
-        assert_eq!(mode(&store.dir().join(".digests")), 0o700);
+        let digests = store.dir().join(".digests");
+        assert_eq!(mode(&digests), 0o700);
+        for e in std::fs::read_dir(&digests).unwrap() {
+            assert_eq!(mode(&e.unwrap().path()), 0o600);
+        }
         // A store left 0755 by an older version is fixed.
         std::fs::set_permissions(store.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let staged = store.staging("abc").unwrap();

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{
-    create_private_dir, SnapshotError, SnapshotFiles, FORMAT_VERSION, MEMORY_FILE, STATE_FILE,
+    create_private, create_private_dir, SnapshotError, SnapshotFiles, FORMAT_VERSION, MEMORY_FILE,
+    STATE_FILE,
 };
 use crate::config::VmConfig;
 
@@ -103,7 +104,9 @@ fn cached_digest(path: &Path, cache: Option<&Path>) -> Result<[u8; 32], Snapshot
     let store = cache.parent().unwrap_or(cache);
     if create_private_dir(store).is_ok() && create_private_dir(cache).is_ok() {
         let tmp = cache.join(format!(".{key}.{}", std::process::id()));
-        if std::fs::write(&tmp, hex(&digest)).is_ok() && std::fs::rename(&tmp, &entry).is_err() {
+        let written = create_private(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, hex(&digest).as_bytes()));
+        if written.is_ok() && std::fs::rename(&tmp, &entry).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }

@@ -216,7 +216,7 @@ async fn oom_events_are_believed_only_for_the_pods_containers() {
     while tracker.wait_for("c1", Duration::ZERO).await {
         kept += 1;
     }
-    assert!(kept >= 1 && kept <= MAX_PENDING, "{kept} pending for c1");
+    assert!((1..=MAX_PENDING).contains(&kept), "{kept} pending for c1");
 }
 
 /// A reply frame over ttrpc's 4 MiB limit is skipped (read 4 KiB at a
