@@ -170,7 +170,16 @@ fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
         .create(&paths.shared)
         .with_context(|| format!("creating {}", paths.shared.display()))?;
     if let Some(dir) = paths.vsock.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // The socket reaches the guest agent: only root may connect, so its
+        // directory (the pod's, or `<state_dir>/vsock` for long ids) is 0700
+        // whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     mount::bind(&paths.shared, &paths.shared, false)
         .context("making the pod's share a private mount")?;
