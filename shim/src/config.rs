@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ember_vmm::arch::x86_64::mptable::MAX_VCPUS;
+use ember_vmm::devices::legacy::console_log::MIN_MAX_BYTES as MIN_CONSOLE_LOG_MAX_BYTES;
 use ember_vmm::memory::MIN_MEM_MIB;
 use ember_vmm::CpuTemplate;
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,11 @@ pub struct Config {
     /// without a cgroup parent) gets `<namespace>-<pod>`; the pod's VM is
     /// charged there.
     pub cgroup_parent: String,
+    /// Cap (bytes) of a pod's guest console log
+    /// (`<state_dir>/<namespace>/<pod>/console.log`): past it the log is
+    /// rotated to `console.log.1`, so a pod's console never takes more
+    /// than twice this on the host. At least 4096.
+    pub console_log_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -98,6 +104,7 @@ impl Default for Config {
             template_dir: "/var/lib/ember/templates".into(),
             template_restore_timeout_secs: 30,
             cgroup_parent: "/ember".into(),
+            console_log_max_bytes: ember_vmm::config::DEFAULT_CONSOLE_LOG_MAX_BYTES,
         }
     }
 }
@@ -188,6 +195,12 @@ impl Config {
         }
         if self.template_restore_timeout_secs == 0 {
             bail!("template_restore_timeout_secs must be more than 0");
+        }
+        if self.console_log_max_bytes < MIN_CONSOLE_LOG_MAX_BYTES {
+            bail!(
+                "console_log_max_bytes must be at least {MIN_CONSOLE_LOG_MAX_BYTES}, not {}",
+                self.console_log_max_bytes
+            );
         }
         if !self.template_dir.is_absolute() {
             bail!(
@@ -285,6 +298,7 @@ mod tests {
             template_dir = "/tmp/templates"
             template_restore_timeout_secs = 5
             cgroup_parent = "/pods/ember"
+            console_log_max_bytes = 65536
             "#,
         )
         .unwrap();
@@ -298,6 +312,7 @@ mod tests {
         assert_eq!(c.template_dir, PathBuf::from("/tmp/templates"));
         assert_eq!(c.template_restore_timeout(), Duration::from_secs(5));
         assert_eq!(c.cgroup_parent, "/pods/ember");
+        assert_eq!(c.console_log_max_bytes, 65536);
     }
 
     #[test]
@@ -327,6 +342,7 @@ mod tests {
         assert!(err("cgroup_parent = \"ember\"").contains("cgroup_parent"));
         assert!(err("cgroup_parent = \"/a/../b\"").contains("cgroup_parent"));
         assert!(err("cgroup_parent = \"/\"").contains("cgroup_parent"));
+        assert!(err("console_log_max_bytes = 100").contains("console_log_max_bytes"));
     }
 
     #[test]

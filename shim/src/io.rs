@@ -12,6 +12,13 @@
 //! - stdin: bytes from containerd's fifo go to the agent; EOF on the fifo
 //!   (every writer closed) half-closes the stream, which closes the
 //!   process' stdin in the guest in order, after the last byte.
+//!
+//! Backpressure, never buffering: each copy holds one [`BUF_SIZE`] buffer
+//! and finishes writing it before it reads again. When containerd reads the
+//! fifo slower than the guest writes, the copy stops reading the stream, the
+//! VMM stops giving the guest vsock credit (256 KiB a connection), and the
+//! writer in the guest blocks. If the fifo fails, output is read and
+//! dropped so that the guest does not hang.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -397,6 +404,74 @@ mod tests {
         let mut got = vec![0u8; 6];
         reader.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello\n");
+    }
+
+    /// The guest writes stdout much faster than containerd reads the
+    /// fifo (a fake guest stream; the fifo's reader stalls, then drains
+    /// slowly): the guest's writes block once the pipe and socket buffers
+    /// are full, the shim holds no more than its one copy buffer, and
+    /// every byte arrives in order.
+    #[tokio::test]
+    async fn a_fast_guest_is_held_back_by_a_slow_reader() {
+        const TOTAL: usize = 8 << 20;
+        const CHUNK: usize = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout");
+        mkfifo(&path);
+        let mut reader = tokio::net::unix::pipe::OpenOptions::new()
+            .open_receiver(&path)
+            .unwrap();
+        let (guest, host) = UnixStream::pair().unwrap();
+        let mut io = ProcessIo::none("t");
+        io.outputs.tasks.push(tokio::spawn(forward_output(
+            host,
+            path.clone(),
+            io.outputs.progress.clone(),
+            "t stdout".into(),
+        )));
+        let pattern = |i: usize| (i % 251) as u8;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let producer = {
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                let mut guest = guest;
+                let mut sent = 0;
+                while sent < TOTAL {
+                    let chunk: Vec<u8> = (sent..sent + CHUNK).map(pattern).collect();
+                    guest.write_all(&chunk).await.unwrap();
+                    sent += CHUNK;
+                    accepted.store(sent as u64, Ordering::Relaxed);
+                }
+            })
+        };
+        // Nobody reads: the producer stalls far short of the total.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stalled = accepted.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            stalled,
+            "the guest is blocked"
+        );
+        // The socket's and the pipe's buffers plus one copy buffer.
+        assert!(stalled < 2 << 20, "{stalled} bytes taken from the guest");
+        assert!(!producer.is_finished());
+        // A slow reader: everything arrives, in order.
+        let mut got = 0;
+        let mut buf = vec![0u8; 16 << 10];
+        while got < TOTAL {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            for (k, &b) in buf[..n].iter().enumerate() {
+                assert_eq!(b, pattern(got + k), "byte {}", got + k);
+            }
+            got += n;
+            if got % (1 << 20) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        producer.await.unwrap();
+        io.outputs.wait(None).await;
     }
 
     #[tokio::test]

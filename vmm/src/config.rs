@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::MAX_VCPUS;
+pub use crate::devices::legacy::console_log::DEFAULT_MAX_BYTES as DEFAULT_CONSOLE_LOG_MAX_BYTES;
 use crate::memory::MIN_MEM_MIB;
 
 /// Lowest CID a guest may have (0-2 are reserved: hypervisor, local, host).
@@ -64,8 +65,17 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     /// Guest console output goes here (appended); none: discarded.
     pub console_log: Option<PathBuf>,
+    /// Cap of the console log file: past it, the log is rotated to
+    /// `<console_log>.1`, so the console takes at most twice this on the
+    /// host (raised to 4 KiB if smaller).
+    #[serde(default = "default_console_log_max_bytes")]
+    pub console_log_max_bytes: u64,
     #[serde(default)]
     pub cpu_template: CpuTemplate,
+}
+
+fn default_console_log_max_bytes() -> u64 {
+    DEFAULT_CONSOLE_LOG_MAX_BYTES
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -93,6 +103,7 @@ impl VmConfig {
             fs_shares: Vec::new(),
             net: Vec::new(),
             console_log: None,
+            console_log_max_bytes: DEFAULT_CONSOLE_LOG_MAX_BYTES,
             cpu_template: CpuTemplate::Auto,
         }
     }

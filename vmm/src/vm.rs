@@ -1,7 +1,6 @@
 //! A running microVM: builds it from a [`VmConfig`], runs its vCPUs, waits
 //! for its end and tears it down leaving nothing behind.
 
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +18,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::{boot, mptable, regs};
 use crate::bus::Bus;
 use crate::config::{ConfigError, VmConfig};
+use crate::devices::legacy::console_log::CappedLog;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleLog, SerialConsole};
 use crate::devices::legacy::IrqfdTrigger;
@@ -275,16 +275,12 @@ impl Vm {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let console_file = match &config.console_log {
-            Some(path) => Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmError::ConsoleLog {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
+            Some(path) => Some(CappedLog::open(path, config.console_log_max_bytes).map_err(
+                |source| VmError::ConsoleLog {
+                    path: path.clone(),
+                    source,
+                },
+            )?),
             None => None,
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io("serial irqfd"))?;

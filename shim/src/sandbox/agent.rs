@@ -5,6 +5,14 @@
 //! long polls (WaitProcess, GetOOMEvent) included. Ordinary calls get the
 //! configured deadline, both as the ttrpc deadline (so the agent drops
 //! work nobody waits for) and as a local timeout; long polls have none.
+//!
+//! The agent is guest code and not trusted: every reply passes the bounds
+//! of [`checks`] before a caller sees it, and agent error messages are cut
+//! to a bounded length.
+
+pub mod checks;
+#[cfg(test)]
+mod hostile_tests;
 
 use std::future::Future;
 use std::time::Duration;
@@ -12,6 +20,7 @@ use std::time::Duration;
 use ember_proto::agent::*;
 use ember_proto::client::{self, AgentClient};
 
+use self::checks::{bounded_error, Checked};
 use crate::error::{Error, Result};
 
 #[derive(Clone)]
@@ -24,7 +33,7 @@ pub struct Agent {
 /// DEADLINE_EXCEEDED normally wins over the local timeout.
 const LOCAL_SLACK: Duration = Duration::from_secs(2);
 
-async fn call<T>(
+async fn call<T: Checked>(
     name: &'static str,
     timeout: Option<Duration>,
     fut: impl Future<Output = ttrpc::Result<T>>,
@@ -37,7 +46,13 @@ async fn call<T>(
             })?,
         None => fut.await,
     };
-    r.map_err(|e| Error::from_agent(name, e))
+    let reply = r.map_err(|e| Error::from_agent(name, bounded_error(e)))?;
+    reply.check().map_err(|why| {
+        Error::Internal(anyhow::anyhow!(
+            "agent {name}: reply refused, out of bounds: {why}"
+        ))
+    })?;
+    Ok(reply)
 }
 
 macro_rules! rpc {

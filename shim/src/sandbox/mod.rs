@@ -146,6 +146,7 @@ pub fn vm_config(config: &Config, paths: &SandboxPaths, setup: &SandboxSetup) ->
         shared_dir: paths.shared.clone(),
     }];
     vm.console_log = Some(paths.console_log.clone());
+    vm.console_log_max_bytes = config.console_log_max_bytes;
     vm
 }
 
@@ -172,7 +173,16 @@ pub(crate) fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", dir.display()))?;
     }
     if let Some(dir) = paths.vsock.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // The socket reaches the guest agent: only root may connect, so its
+        // directory (the pod's, or `<state_dir>/vsock` for long ids) is 0700
+        // whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     let tree = mount::make_own_shared_mount(&paths.mounts)
         .context("making the pod's mount tree a shared mount")?;
@@ -523,6 +533,7 @@ impl Sandbox {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), container.clone());
+        self.oom.track(&id);
 
         self.events
             .publish(TaskCreate {

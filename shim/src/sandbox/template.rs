@@ -24,7 +24,7 @@
 //! so later pods boot cold instead of making it again.
 
 use std::fs::File;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -264,7 +264,7 @@ async fn from_template(
                 "making the VM template failed: {e:#}; booting this pod cold, marking the \
                  identity broken (later pods boot cold until `ember templates drop`)"
             );
-            if let Err(e) = File::create(broken_marker(&store, &identity)) {
+            if let Err(e) = mark_broken(&store, &identity) {
                 tracing::warn!("marking template {identity} broken: {e}");
             }
             drop(lock);
@@ -287,7 +287,7 @@ async fn from_template(
                     "the template was made moments ago: marking its identity broken, \
                      later pods boot cold until `ember templates drop`"
                 );
-                if let Err(e) = File::create(broken_marker(&store, &identity)) {
+                if let Err(e) = mark_broken(&store, &identity) {
                     tracing::warn!("marking template {identity} broken: {e}");
                 }
             }
@@ -459,6 +459,17 @@ fn broken_marker(store: &TemplateStore, identity: &str) -> PathBuf {
     store.dir().join(format!(".broken-{identity}"))
 }
 
+/// Files of the store are 0600 whatever the umask, as its templates are.
+fn private_file() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.create(true).truncate(false).write(true).mode(0o600);
+    o
+}
+
+fn mark_broken(store: &TemplateStore, identity: &str) -> std::io::Result<File> {
+    private_file().open(broken_marker(store, identity))
+}
+
 /// An exclusive flock on `<store>/.lock-<identity>`, released on drop (and
 /// by the kernel if this process dies).
 struct TemplateLock {
@@ -467,10 +478,7 @@ struct TemplateLock {
 
 fn try_flock(path: &Path) -> anyhow::Result<Option<TemplateLock>> {
     use std::os::fd::AsRawFd;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
+    let file = private_file()
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on an fd this function owns; no memory is passed.
@@ -491,11 +499,10 @@ async fn lock(
     identity: &str,
     timeout: Duration,
 ) -> anyhow::Result<TemplateLock> {
-    // Templates hold guest memory: only root reads them.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(store.dir())
+    // Templates hold guest memory: only root reads them (0700 whatever
+    // the umask, and an older 0755 store is fixed).
+    store
+        .create_dir()
         .with_context(|| format!("creating {}", store.dir().display()))?;
     let path = store.dir().join(format!(".lock-{identity}"));
     let deadline = Instant::now() + timeout;

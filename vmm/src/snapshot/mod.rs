@@ -145,6 +145,32 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
+/// Creates (or truncates) `path` for writing, 0600 whatever the umask:
+/// snapshot files hold guest memory and device state.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // `mode` applies only to a file this call created: fix an older one.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+/// Creates directory `path` (and missing parents, 0700 too) and makes it
+/// 0700 whatever the umask or its mode before: it holds snapshots.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
 impl SnapshotState {
     /// Writes the state file atomically (temp file + rename).
     pub fn write(&self, path: &Path) -> Result<(), SnapshotError> {
@@ -158,7 +184,7 @@ impl SnapshotState {
         let digest = Sha256::digest(&bytes);
         bytes.extend_from_slice(&digest);
         let tmp = path.with_extension("tmp");
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut f = create_private(&tmp).map_err(io_err(&tmp))?;
         f.write_all(&bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
@@ -232,7 +258,7 @@ pub fn write_memory_file(src: &File, size: u64, path: &Path) -> Result<(), Snaps
     use std::os::unix::fs::FileExt;
     let tmp = path.with_extension("tmp");
     let mut buf = vec![0u8; 1 << 20];
-    let dst = File::create(&tmp).map_err(io_err(&tmp))?;
+    let dst = create_private(&tmp).map_err(io_err(&tmp))?;
     dst.set_len(size).map_err(io_err(&tmp))?;
     let sfd = src.as_raw_fd();
     let mut pos: i64 = 0;
@@ -266,6 +292,7 @@ pub fn write_memory_file(src: &File, size: u64, path: &Path) -> Result<(), Snaps
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn sample() -> SnapshotState {
         SnapshotState {
@@ -345,5 +372,65 @@ mod tests {
             std::fs::metadata(&path).unwrap().blocks() * 512 < 8 << 20,
             "sparse"
         );
+    }
+
+    /// Restores the umask it replaced when dropped.
+    struct Umask(libc::mode_t);
+
+    impl Umask {
+        fn set(mask: libc::mode_t) -> Self {
+            // SAFETY: umask only swaps the process' file mode mask.
+            Umask(unsafe { libc::umask(mask) })
+        }
+    }
+
+    impl Drop for Umask {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { libc::umask(self.0) };
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    /// Templates hold guest memory: whatever the umask, and whoever
+    /// creates the store first (the digest cache or a snapshot), the store
+    /// and each template are 0700 and the files 0600.
+    #[test]
+    fn template_files_are_private_whatever_the_umask() {
+        let _umask = Umask::set(0);
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let store = store::TemplateStore::new(dir.path().join("templates"));
+        // The digest cache is what creates the store on a fresh host.
+        store
+            .cached_identity(&crate::config::VmConfig::new(&kernel))
+            .unwrap();
+        assert_eq!(mode(store.dir()), 0o700);
+        let digests = store.dir().join(".digests");
+        assert_eq!(mode(&digests), 0o700);
+        for e in std::fs::read_dir(&digests).unwrap() {
+            assert_eq!(mode(&e.unwrap().path()), 0o600);
+        }
+        // A store left 0755 by an older version is fixed.
+        std::fs::set_permissions(store.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let staged = store.staging("abc").unwrap();
+        assert_eq!(mode(store.dir()), 0o700);
+        sample().write(&staged.state()).unwrap();
+        let src = tempfile::tempfile().unwrap();
+        src.set_len(1 << 20).unwrap();
+        write_memory_file(&src, 1 << 20, &staged.memory()).unwrap();
+        let files = store.commit("abc", staged).unwrap();
+        assert_eq!(mode(&files.dir), 0o700);
+        assert_eq!(mode(&files.state()), 0o600);
+        assert_eq!(mode(&files.memory()), 0o600);
+        // Rewriting over an older, readable file makes it private too.
+        std::fs::set_permissions(files.state(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        sample().write(&files.state()).unwrap();
+        assert_eq!(mode(&files.state()), 0o600);
     }
 }

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{SnapshotError, SnapshotFiles, FORMAT_VERSION, MEMORY_FILE, STATE_FILE};
+use super::{
+    create_private, create_private_dir, SnapshotError, SnapshotFiles, FORMAT_VERSION, MEMORY_FILE,
+    STATE_FILE,
+};
 use crate::config::VmConfig;
 
 /// One template on disk.
@@ -95,10 +98,15 @@ fn cached_digest(path: &Path, cache: Option<&Path>) -> Result<[u8; 32], Snapshot
         }
     }
     let digest = file_digest(path)?;
-    // Best effort: a cache that cannot be written only costs time.
-    if std::fs::create_dir_all(cache).is_ok() {
+    // Best effort: a cache that cannot be written only costs time. The
+    // cache lives in the store, which must come out 0700 (see
+    // `TemplateStore::create_dir`), whoever creates it first.
+    let store = cache.parent().unwrap_or(cache);
+    if create_private_dir(store).is_ok() && create_private_dir(cache).is_ok() {
         let tmp = cache.join(format!(".{key}.{}", std::process::id()));
-        if std::fs::write(&tmp, hex(&digest)).is_ok() && std::fs::rename(&tmp, &entry).is_err() {
+        let written = create_private(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, hex(&digest).as_bytes()));
+        if written.is_ok() && std::fs::rename(&tmp, &entry).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
@@ -126,6 +134,13 @@ impl TemplateStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Creates the store's directory (and missing parents) 0700, and makes
+    /// an existing one 0700: templates hold guest memory, only root may
+    /// read them.
+    pub fn create_dir(&self) -> Result<(), SnapshotError> {
+        create_private_dir(&self.dir).map_err(io_err(&self.dir))
     }
 
     /// The identity of VMs built from `config`: what a template must match.
@@ -172,12 +187,12 @@ impl TemplateStore {
 
     /// Where to write a new template; pass the result to [`Self::commit`].
     pub fn staging(&self, identity: &str) -> Result<SnapshotFiles, SnapshotError> {
-        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        self.create_dir()?;
         let dir = self
             .dir
             .join(format!(".tmp-{identity}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        create_private_dir(&dir).map_err(io_err(&dir))?;
         Ok(SnapshotFiles::new(dir))
     }
 

@@ -1,6 +1,7 @@
 //! Legacy PC devices on port I/O: the 16550 serial console and the i8042
 //! (only its CPU-reset command, which ends the VM).
 
+pub mod console_log;
 pub mod i8042;
 pub mod serial;
 

@@ -3,12 +3,12 @@
 //! The THRE interrupt goes through an irqfd, so user-space writes to the
 //! tty (interrupt driven) appear too, not only polled printk output.
 
-use std::fs::File;
 use std::io::{self, Write};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
+use super::console_log::CappedLog;
 use super::IrqfdTrigger;
 use crate::bus::BusDevice;
 use crate::exit::ExitSignal;
@@ -20,16 +20,17 @@ use crate::timing::BootClock;
 const MAX_LINE: usize = 4096;
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 
-/// Where console output goes.
+/// Where console output goes: a capped, rotated log file (or nowhere),
+/// after the scan for markers.
 pub struct ConsoleLog {
-    file: Option<File>,
+    file: Option<CappedLog>,
     line: Vec<u8>,
     clock: BootClock,
     exit: ExitSignal,
 }
 
 impl ConsoleLog {
-    pub fn new(file: Option<File>, clock: BootClock, exit: ExitSignal) -> Self {
+    pub fn new(file: Option<CappedLog>, clock: BootClock, exit: ExitSignal) -> Self {
         Self {
             file,
             line: Vec::with_capacity(256),
@@ -59,7 +60,8 @@ impl Write for ConsoleLog {
             }
         }
         if let Some(f) = self.file.as_mut() {
-            // A full disk must not stop the guest: log once and drop output.
+            // A full disk (or a failed rotation) must not stop the guest:
+            // log once and drop output.
             if let Err(e) = f.write_all(buf) {
                 tracing::warn!("console log write failed, console output dropped: {e}");
                 self.file = None;
@@ -119,6 +121,7 @@ impl BusDevice for SerialConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::legacy::console_log::{rotated_path, DEFAULT_MAX_BYTES, MIN_MAX_BYTES};
     use crate::exit::ExitReason;
     use std::time::Instant;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -130,7 +133,7 @@ mod tests {
         let clock = BootClock::new(Instant::now());
         let exit = ExitSignal::new();
         let log = ConsoleLog::new(
-            Some(File::create(&path).unwrap()),
+            Some(CappedLog::open(&path, DEFAULT_MAX_BYTES).unwrap()),
             clock.clone(),
             exit.clone(),
         );
@@ -151,6 +154,33 @@ mod tests {
         assert!(matches!(exit.reason(), Some(ExitReason::GuestPanic(_))));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("Run /init"));
+    }
+
+    /// The guest floods the UART: the log files on the host stay under the
+    /// cap and the newest output is there.
+    #[test]
+    fn a_console_flood_stays_under_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let log = ConsoleLog::new(
+            Some(CappedLog::open(&path, MIN_MAX_BYTES).unwrap()),
+            BootClock::default(),
+            ExitSignal::new(),
+        );
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut serial = SerialConsole::new(IrqfdTrigger(irq), log);
+        for i in 0..(20 * MIN_MAX_BYTES) {
+            serial.write(0, &[b'A' + (i % 26) as u8]);
+        }
+        for &b in b"\nlast line\n" {
+            serial.write(0, &[b]);
+        }
+        let len = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+        assert!(len(&path) <= MIN_MAX_BYTES);
+        assert_eq!(len(&rotated_path(&path)), MIN_MAX_BYTES);
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .ends_with("last line\n"));
     }
 
     #[test]
