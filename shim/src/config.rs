@@ -70,7 +70,14 @@ pub struct Config {
     /// answers; after that the template is discarded and the pod boots
     /// cold.
     pub template_restore_timeout_secs: u64,
+    /// RLIMIT_NOFILE (soft and hard) of a serving shim: bounds the open
+    /// files one pod can pin on the host (virtio-fs inodes and handles,
+    /// vsock streams, ...).
+    pub max_open_files: u64,
 }
+
+/// The least `max_open_files` a shim can run with.
+pub const MIN_OPEN_FILES: u64 = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -92,6 +99,7 @@ impl Default for Config {
             templates: true,
             template_dir: "/var/lib/ember/templates".into(),
             template_restore_timeout_secs: 30,
+            max_open_files: 65536,
         }
     }
 }
@@ -179,6 +187,12 @@ impl Config {
         }
         if self.agent_timeout_secs == 0 {
             bail!("agent_timeout_secs must be more than 0");
+        }
+        if self.max_open_files < MIN_OPEN_FILES {
+            bail!(
+                "max_open_files must be at least {MIN_OPEN_FILES}, not {}",
+                self.max_open_files
+            );
         }
         if self.template_restore_timeout_secs == 0 {
             bail!("template_restore_timeout_secs must be more than 0");
