@@ -70,9 +70,10 @@ pub struct Config {
     /// answers; after that the template is discarded and the pod boots
     /// cold.
     pub template_restore_timeout_secs: u64,
-    /// RLIMIT_NOFILE (soft and hard) of a serving shim: bounds the open
-    /// files one pod can pin on the host (virtio-fs inodes and handles,
-    /// vsock streams, ...).
+    /// RLIMIT_NOFILE (soft and hard) of a serving shim, or the limit it
+    /// inherits from containerd if that is lower: bounds the open files one
+    /// pod can pin on the host (virtio-fs inodes and handles, vsock
+    /// streams, ...).
     pub max_open_files: u64,
 }
 

@@ -28,8 +28,9 @@ use ember_e2e::containerd::{Containerd, CtrOutput, Options, EMBER_RUNTIME};
 use ember_e2e::image::BUSYBOX_IMAGE;
 use ember_vmm::confine::{sigsys, Role};
 
-/// A pod start that may boot cold.
-const COLD_TIMEOUT: Duration = Duration::from_secs(600);
+/// A pod start that may boot cold (generous: CI machines without VT-x
+/// emulate guest ring 0, and may be busy).
+const COLD_TIMEOUT: Duration = Duration::from_secs(900);
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
 const POD_A: &str = "confine-a";
 const POD_B: &str = "confine-b";
@@ -159,7 +160,12 @@ fn check_shim_threads(pod: &str, pid: i32) -> Result<Vec<i32>> {
         "[vmm_confinement] pod {pod}: shim {pid}, {} threads by role {seen:?}, control-plane filters {control_filters:?}, all Seccomp: 2 with their table's capabilities",
         threads.len()
     );
-    for role in [Role::Vcpu, Role::VsockWorker, Role::FsWorker, Role::ControlPlane] {
+    for role in [
+        Role::Vcpu,
+        Role::VsockWorker,
+        Role::FsWorker,
+        Role::ControlPlane,
+    ] {
         ensure!(
             seen.contains_key(role.name()),
             "pod {pod}: no {} thread among {:?}",
@@ -176,7 +182,10 @@ fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize, what: &str) -> 
     // arguments or pointers to live structs of the right type.
     let rc = unsafe { libc::ptrace(req, tid, addr, data) };
     if rc < 0 {
-        bail!("ptrace {what} on {tid}: {}", std::io::Error::last_os_error());
+        bail!(
+            "ptrace {what} on {tid}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(rc)
 }
@@ -390,7 +399,11 @@ fn cases(pods: &Pods<'_>) -> Result<()> {
     let exit = events.wait_for(Duration::from_secs(60), |e| {
         e.topic == "/tasks/exit" && e.body.contains(POD_A)
     });
-    ensure!(exit.is_some(), "no /tasks/exit event for pod A:\n{}", events.text());
+    ensure!(
+        exit.is_some(),
+        "no /tasks/exit event for pod A:\n{}",
+        events.text()
+    );
     let out = pods.exec(POD_A, "after", "echo still-here");
     ensure!(
         !out.success(),
@@ -400,7 +413,11 @@ fn cases(pods: &Pods<'_>) -> Result<()> {
 
     let out = pods.exec(POD_B, "alive", "echo alive");
     out.ok().context("pod B after pod A's VM ended")?;
-    ensure!(out.stdout_str().trim() == "alive", "pod B: {}", out.describe());
+    ensure!(
+        out.stdout_str().trim() == "alive",
+        "pod B: {}",
+        out.describe()
+    );
     check_shim_threads(POD_B, shim_b)?;
     println!("[vmm_confinement] pod B still answers exec; its shim is intact");
     Ok(())
@@ -415,7 +432,10 @@ fn a_forbidden_call_on_a_vcpu_thread_ends_only_that_vm() {
         return;
     }
     let t_all = Instant::now();
-    let opts = Options::with_ember().expect("containerd-shim-ember-v2 is built");
+    let mut opts = Options::with_ember().expect("containerd-shim-ember-v2 is built");
+    if let Some(config) = opts.ember_config.as_mut() {
+        config.push_str("boot_timeout_secs = 900\n");
+    }
     let ctrd = Containerd::start(opts).expect("containerd starts");
     let pods = Pods { ctrd: &ctrd };
     let result = cases(&pods);

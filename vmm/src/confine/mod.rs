@@ -129,7 +129,7 @@ pub fn thread(role: Role) -> Result<(), ConfineError> {
 /// Process-wide limits of the serving shim.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessLimits {
-    /// RLIMIT_NOFILE, soft and hard.
+    /// RLIMIT_NOFILE, soft and hard (the inherited hard limit if lower).
     pub max_open_files: u64,
 }
 
@@ -139,9 +139,23 @@ pub struct ProcessLimits {
 /// guest-driven threads enabled, and the control plane's deny-list on
 /// every thread (TSYNC).
 pub fn process(limits: ProcessLimits) -> Result<(), ConfineError> {
+    let mut inherited = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass; the result is checked.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut inherited) } != 0 {
+        return Err(ConfineError::Io {
+            what: "reading RLIMIT_NOFILE",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // Raising the hard limit needs CAP_SYS_RESOURCE, which the shim does
+    // not keep (and containerd may not have): a lower inherited limit wins.
+    let max = limits.max_open_files.min(inherited.rlim_max);
     let rlim = libc::rlimit {
-        rlim_cur: limits.max_open_files,
-        rlim_max: limits.max_open_files,
+        rlim_cur: max,
+        rlim_max: max,
     };
     // SAFETY: setrlimit reads a valid rlimit struct; the result is checked.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) } != 0 {
