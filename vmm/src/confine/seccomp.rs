@@ -91,6 +91,9 @@ const VSOCK: &[i64] = &[
     libc::SYS_sendmsg,
     libc::SYS_accept4,
     libc::SYS_connect,
+    // A zero-timeout poll for POLLHUP on a host stream.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
     libc::SYS_fcntl,
