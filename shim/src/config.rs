@@ -81,7 +81,15 @@ pub struct Config {
     /// rotated to `console.log.1`, so a pod's console never takes more
     /// than twice this on the host. At least 4096.
     pub console_log_max_bytes: u64,
+    /// RLIMIT_NOFILE (soft and hard) of a serving shim, or the limit it
+    /// inherits from containerd if that is lower: bounds the open files one
+    /// pod can pin on the host (virtio-fs inodes and handles, vsock
+    /// streams, ...).
+    pub max_open_files: u64,
 }
+
+/// The least `max_open_files` a shim can run with.
+pub const MIN_OPEN_FILES: u64 = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -105,6 +113,7 @@ impl Default for Config {
             template_restore_timeout_secs: 30,
             cgroup_parent: "/ember".into(),
             console_log_max_bytes: ember_vmm::config::DEFAULT_CONSOLE_LOG_MAX_BYTES,
+            max_open_files: 65536,
         }
     }
 }
@@ -192,6 +201,12 @@ impl Config {
         }
         if self.agent_timeout_secs == 0 {
             bail!("agent_timeout_secs must be more than 0");
+        }
+        if self.max_open_files < MIN_OPEN_FILES {
+            bail!(
+                "max_open_files must be at least {MIN_OPEN_FILES}, not {}",
+                self.max_open_files
+            );
         }
         if self.template_restore_timeout_secs == 0 {
             bail!("template_restore_timeout_secs must be more than 0");

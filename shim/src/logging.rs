@@ -32,7 +32,7 @@ fn filter(configured: &str, debug: bool) -> EnvFilter {
 /// Opens containerd's log fifo for writing without blocking (there is a
 /// reader when containerd started us), then makes writes blocking again so
 /// lines are never cut.
-fn open_log_fifo() -> std::io::Result<File> {
+pub fn open_log_fifo() -> std::io::Result<File> {
     let file = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)

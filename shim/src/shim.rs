@@ -11,7 +11,8 @@
 //!   every normal task deletion too, in containerd 1.6). If the pod's shim
 //!   still serves, there is nothing to do; if it is gone (crashed), what it
 //!   mounted and its state directory are removed.
-//! - the serving shim: the Task service ([`crate::task`]).
+//! - the serving shim: the Task service ([`crate::task`]), confined by
+//!   [`confine_if_serving`] before its runtime starts.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ use containerd_shim::{
     Config as ShimConfig, Error as ShimError, ExitSignal, Flags, Shim, StartOpts,
 };
 use containerd_shim_protos::protobuf::MessageField;
+
+use ember_vmm::confine;
 
 use crate::annotations;
 use crate::config::{Config, Source};
@@ -47,6 +50,50 @@ pub fn shim_config() -> ShimConfig {
         default_log_level: "info".into(),
         no_reaper: true,
         no_sub_reaper: true,
+    }
+}
+
+/// Confines the process if it is the long-lived serving shim (no action,
+/// a socket to serve on): RLIMIT_NOFILE (`max_open_files`), the control
+/// plane's capabilities and seccomp deny-list on every thread, and per-role
+/// filters for the VMM's guest-driven threads (see `ember_vmm::confine`).
+/// `start` and `delete` are short-lived, run by containerd, and never touch
+/// a guest: they stay as containerd started them.
+///
+/// Must run before any other thread exists. A forbidden system call is
+/// reported on containerd's log fifo (the serving shim's stderr is
+/// /dev/null); a shim that cannot be confined does not serve.
+pub fn confine_if_serving() {
+    let args: Vec<_> = std::env::args_os().collect();
+    let Ok(flags) = containerd_shim::parse(args.get(1..).unwrap_or_default()) else {
+        // containerd_shim reports bad arguments itself.
+        return;
+    };
+    if !flags.action.is_empty() || flags.socket.is_empty() || flags.version || flags.info {
+        return;
+    }
+    if let Ok(file) = logging::open_log_fifo() {
+        // Kept open for the life of the process: the SIGSYS handler
+        // writes its line there.
+        confine::sigsys::set_report_fd(std::os::fd::IntoRawFd::into_raw_fd(file));
+    }
+    let pod = std::env::var(POD_ID_ENV).unwrap_or_else(|_| flags.id.clone());
+    confine::sigsys::set_label(&format!("{}/{pod}", flags.namespace));
+    // A broken config is reported by `new`; the defaults bound us meanwhile.
+    let max_open_files = Config::load()
+        .map(|(c, _)| c.max_open_files)
+        .unwrap_or_else(|_| Config::default().max_open_files);
+    if let Err(e) = confine::process(confine::ProcessLimits { max_open_files }) {
+        let line = format!("ember: cannot confine the shim of pod {pod}, not serving: {e}\n");
+        // SAFETY: write(2) of a live buffer to an fd we hold.
+        unsafe {
+            libc::write(
+                confine::sigsys::report_fd(),
+                line.as_ptr().cast(),
+                line.len(),
+            )
+        };
+        std::process::exit(1);
     }
 }
 

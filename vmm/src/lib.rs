@@ -10,6 +10,7 @@
 pub mod arch;
 pub mod bus;
 pub mod config;
+pub mod confine;
 pub mod devices;
 pub mod exit;
 pub mod memory;

@@ -17,6 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::confine::{self, Role};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::snapshot::{SnapshotError, VcpuState};
 use crate::timing::BootClock;
@@ -115,6 +116,15 @@ impl Vcpu {
     fn run(mut self, requests: Receiver<Request>, responses: Sender<Response>) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|c| c.set(run_ptr));
+        // Set-up is done (the vCPU fd is configured, its kvm_run mapped):
+        // from here on the guest drives this thread.
+        if let Err(e) = confine::thread(Role::Vcpu) {
+            let msg = format!("vCPU {}: cannot confine the thread: {e}", self.id);
+            tracing::error!("{msg}");
+            self.exit.exit(ExitReason::VcpuFailure(msg));
+            KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+            return;
+        }
         tracing::debug!(vcpu = self.id, "vCPU thread started");
         while !self.exit.should_stop() {
             if self.pause.load(Ordering::SeqCst) {

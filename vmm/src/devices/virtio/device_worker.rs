@@ -8,6 +8,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ActivateError;
+use crate::confine;
 
 /// A device's running worker thread.
 pub struct DeviceWorker {
@@ -33,10 +34,8 @@ impl DeviceWorker {
         kill: EventFd,
         run: impl FnOnce() + Send + 'static,
     ) -> Result<Self, ActivateError> {
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(run)
-            .map_err(ActivateError::Worker)?;
+        // Through the spawner: `activate` runs on a (confined) vCPU thread.
+        let thread = confine::spawn(name, run).map_err(ActivateError::Worker)?;
         Ok(DeviceWorker { kill, thread, name })
     }
 

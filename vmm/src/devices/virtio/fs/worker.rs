@@ -86,6 +86,12 @@ impl Worker {
             let _ = ready.send(Err(e));
             return;
         }
+        // confinement: chroot (virtiofs helper) goes before this line
+        if let Err(e) = crate::confine::thread(crate::confine::Role::FsWorker) {
+            tracing::error!(tag = %self.tag, "virtio-fs: cannot confine the worker thread: {e}");
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
         if self.import_root {
             if let Err(e) = self.handler.import_root() {
                 tracing::error!(tag = %self.tag, "virtio-fs: importing the shared directory after a restore: {e}");

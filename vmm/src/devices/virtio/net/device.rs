@@ -53,6 +53,7 @@ use super::{
     format_mac, net_warn_rl, LogLimiter, NetError, NetStats, Stats, MAX_FRAME_LEN, MIN_FRAME_LEN,
     VNET_HDR_LEN,
 };
+use crate::confine::{self, Role};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -317,6 +318,10 @@ impl VirtioDevice for Net {
         let slot = self.backend.clone();
         let stats = self.stats.clone();
         let worker = DeviceWorker::spawn("ember-net", kill, move || {
+            if let Err(e) = confine::thread(Role::NetWorker) {
+                tracing::error!("net: cannot confine the worker thread, not serving: {e}");
+                return;
+            }
             let Some(backend) = lock(&slot).take() else {
                 tracing::error!("net: worker started without a backend");
                 return;

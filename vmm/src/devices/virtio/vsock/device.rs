@@ -30,6 +30,7 @@ use super::muxer::Muxer;
 use super::packet::{self, RxBuffer, EVENT_TRANSPORT_RESET, MAX_PKT_DATA};
 use super::unix::HostListener;
 use super::{warn_rl, LogLimiter, VsockError, VsockTimeouts};
+use crate::confine::{self, Role};
 
 /// `VIRTIO_F_VERSION_1`.
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -236,6 +237,10 @@ impl VirtioDevice for Vsock {
         let timeouts = self.timeouts;
         let reset_requested = self.reset_requested.clone();
         let worker = DeviceWorker::spawn("ember-vsock", kill, move || {
+            if let Err(e) = confine::thread(Role::VsockWorker) {
+                tracing::error!("vsock: cannot confine the worker thread, not serving: {e}");
+                return;
+            }
             let Some(listener) = lock(&slot).take() else {
                 tracing::error!("vsock: worker started without a listener");
                 return;
