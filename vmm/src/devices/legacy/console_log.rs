@@ -2,17 +2,22 @@
 //! what it prints, and the log often lives on a tmpfs (host RAM), so it
 //! must not grow without bound.
 //!
-//! `console.log` grows to `max_bytes`, then becomes `console.log.1`
-//! (replacing the previous one) and a new `console.log` starts. A pod's
+//! `console.log` grows to `max_bytes`, then its content moves to
+//! `console.log.1` (replacing the previous one) and `console.log` starts
+//! empty again. A pod's
 //! console therefore never takes more than twice `max_bytes` on the host,
 //! and the newest output is always kept. Rotation cuts at the byte where
 //! the cap is reached, so a line may be split across the two files.
 //! Both files are created 0600: the console may show whatever the guest
 //! holds.
+//!
+//! Writes happen on a vCPU thread, whose seccomp filter allows no open or
+//! rename (`crate::confine`): both files are opened when the log is, and
+//! rotation only reads, writes, seeks and truncates those two descriptors.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions, Permissions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -24,17 +29,20 @@ pub const MIN_MAX_BYTES: u64 = 4096;
 
 /// An append-only log file of at most `max_bytes`, with one rotated file.
 pub struct CappedLog {
-    path: PathBuf,
-    rotated: PathBuf,
     max_bytes: u64,
+    /// `console.log`, read and append.
     file: File,
+    /// `console.log.1`, read and write.
+    rotated: File,
     size: u64,
 }
 
-fn open_private(path: &Path) -> io::Result<File> {
+fn open_private(path: &Path, append: bool) -> io::Result<File> {
     let file = OpenOptions::new()
         .create(true)
-        .append(true)
+        .read(true)
+        .append(append)
+        .write(!append)
         .mode(0o600)
         .open(path)?;
     // `mode` applies only to a file this call created: fix an older one.
@@ -54,20 +62,33 @@ impl CappedLog {
     /// [`MIN_MAX_BYTES`] if smaller. A file already over the cap is
     /// rotated at the next write.
     pub fn open(path: &Path, max_bytes: u64) -> io::Result<Self> {
-        let file = open_private(path)?;
+        let file = open_private(path, true)?;
+        let rotated = open_private(&rotated_path(path), false)?;
         let size = file.metadata()?.len();
         Ok(Self {
-            path: path.to_path_buf(),
-            rotated: rotated_path(path),
             max_bytes: max_bytes.max(MIN_MAX_BYTES),
             file,
+            rotated,
             size,
         })
     }
 
+    /// Moves the content of `console.log` into `console.log.1` and empties
+    /// `console.log`, through the two open descriptors only.
     fn rotate(&mut self) -> io::Result<()> {
-        std::fs::rename(&self.path, &self.rotated)?;
-        self.file = open_private(&self.path)?;
+        self.rotated.set_len(0)?;
+        self.rotated.seek(SeekFrom::Start(0))?;
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = self.file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            self.rotated.write_all(&buf[..n])?;
+        }
+        // Appends go to the end, which is now 0.
+        self.file.set_len(0)?;
         self.size = 0;
         Ok(())
     }
