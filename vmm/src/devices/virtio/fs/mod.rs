@@ -115,7 +115,10 @@
 //! host file-system operation delays the others (and `shutdown()` waits for
 //! it); the library logs some decode errors itself through `log`.
 
+mod chroot;
 mod device;
+mod limits;
+mod request;
 mod worker;
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ use crate::devices::virtio::{
     GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_FS, VIRTIO_MMIO_INT_VRING,
 };
 
+mod isolation;
+
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const QSIZE: u16 = 16;
@@ -127,11 +129,18 @@ struct Guest {
 
 impl Guest {
     fn start(share: &Path, opts: FsOptions) -> Self {
+        let mut g = Self::new(share, opts);
+        g.activate();
+        g
+    }
+
+    /// The fake driver and a device not yet activated.
+    fn new(share: &Path, opts: FsOptions) -> Self {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
         let meta = fs::metadata(share).unwrap();
-        let mut g = Guest {
+        Guest {
             mem,
             queues: Vec::new(),
             evts: Vec::new(),
@@ -141,9 +150,7 @@ impl Guest {
             unique: 0,
             uid: meta.uid(),
             gid: meta.gid(),
-        };
-        g.activate();
-        g
+        }
     }
 
     /// Lays out fresh rings and activates the device, as the transport does
