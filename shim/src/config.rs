@@ -70,6 +70,16 @@ pub struct Config {
     /// answers; after that the template is discarded and the pod boots
     /// cold.
     pub template_restore_timeout_secs: u64,
+    /// Inodes a pod's guest may hold in its virtio-fs share (each keeps a
+    /// descriptor on the host); past it lookups fail with ENFILE.
+    pub fs_max_inodes: u64,
+    /// Files and directories a pod's guest may hold open in its share
+    /// (a descriptor each); past it opens fail with EMFILE.
+    pub fs_max_handles: u64,
+    /// Host inodes the share remembers for the guest, forgotten ones
+    /// included (a small record each, until the guest unmounts); past it
+    /// new inodes fail with ENFILE.
+    pub fs_max_known_inodes: u64,
 }
 
 impl Default for Config {
@@ -92,6 +102,9 @@ impl Default for Config {
             templates: true,
             template_dir: "/var/lib/ember/templates".into(),
             template_restore_timeout_secs: 30,
+            fs_max_inodes: ember_vmm::FsLimits::default().max_inodes,
+            fs_max_handles: ember_vmm::FsLimits::default().max_handles,
+            fs_max_known_inodes: ember_vmm::FsLimits::default().max_known_inodes,
         }
     }
 }
@@ -183,6 +196,16 @@ impl Config {
         if self.template_restore_timeout_secs == 0 {
             bail!("template_restore_timeout_secs must be more than 0");
         }
+        if self.fs_max_inodes == 0 || self.fs_max_handles == 0 {
+            bail!("fs_max_inodes and fs_max_handles must be more than 0");
+        }
+        if self.fs_max_known_inodes < self.fs_max_inodes {
+            bail!(
+                "fs_max_known_inodes ({}) must be at least fs_max_inodes ({})",
+                self.fs_max_known_inodes,
+                self.fs_max_inodes
+            );
+        }
         if !self.template_dir.is_absolute() {
             bail!(
                 "template_dir must be an absolute path, not {}",
@@ -218,6 +241,15 @@ impl Config {
 
     pub fn template_restore_timeout(&self) -> Duration {
         Duration::from_secs(self.template_restore_timeout_secs)
+    }
+
+    /// The caps of a pod's virtio-fs share.
+    pub fn fs_limits(&self) -> ember_vmm::FsLimits {
+        ember_vmm::FsLimits {
+            max_inodes: self.fs_max_inodes,
+            max_handles: self.fs_max_handles,
+            max_known_inodes: self.fs_max_known_inodes,
+        }
     }
 
     /// Whether annotation `name` may override a per-pod setting.
@@ -277,6 +309,9 @@ mod tests {
             templates = false
             template_dir = "/tmp/templates"
             template_restore_timeout_secs = 5
+            fs_max_inodes = 1000
+            fs_max_handles = 100
+            fs_max_known_inodes = 5000
             "#,
         )
         .unwrap();
@@ -289,6 +324,14 @@ mod tests {
         assert!(!c.templates);
         assert_eq!(c.template_dir, PathBuf::from("/tmp/templates"));
         assert_eq!(c.template_restore_timeout(), Duration::from_secs(5));
+        assert_eq!(
+            c.fs_limits(),
+            ember_vmm::FsLimits {
+                max_inodes: 1000,
+                max_handles: 100,
+                max_known_inodes: 5000,
+            }
+        );
     }
 
     #[test]
@@ -315,6 +358,8 @@ mod tests {
         assert!(err("template_restore_timeout_secs = 0").contains("template_restore"));
         assert!(err("enable_annotations = [\"io.ember.group\"]").contains("io.ember.group"));
         assert!(err("log_level = \"info,=[\"").contains("log_level"));
+        assert!(err("fs_max_handles = 0").contains("fs_max_handles"));
+        assert!(err("fs_max_inodes = 10\nfs_max_known_inodes = 5").contains("fs_max_known_inodes"));
     }
 
     #[test]
