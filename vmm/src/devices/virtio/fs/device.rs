@@ -65,7 +65,8 @@ pub struct FsOptions {
     pub entry_timeout: Duration,
     /// How long the guest trusts attributes (default 1 s).
     pub attr_timeout: Duration,
-    /// Serve extended attributes (default off).
+    /// Serve extended attributes. Must stay off: [`VirtioFs::new`] refuses
+    /// it, as the confined worker cannot reach them (see the module doc).
     pub xattr: bool,
     /// Let the guest cache writes (default off; refused with `Never`).
     pub writeback: bool,
