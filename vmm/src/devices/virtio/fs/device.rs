@@ -290,12 +290,15 @@ impl VirtioFs {
         PassthroughFs::new(cfg)
     }
 
-    /// The configured caps, shrunk to fit the process's descriptor limit.
-    fn effective_limits(&self) -> FsLimits {
+    /// The configured caps, shrunk to fit the process's descriptor limit,
+    /// and whether they were.
+    fn effective_limits(&self) -> (FsLimits, bool) {
         let mut limits = self.opts.limits;
+        let mut fitted = false;
         match nofile_limit() {
             Ok(nofile) => {
                 if fit_to_nofile(&mut limits, nofile) {
+                    fitted = true;
                     tracing::info!(
                         tag = %self.tag,
                         nofile,
@@ -307,7 +310,7 @@ impl VirtioFs {
             }
             Err(e) => tracing::warn!(tag = %self.tag, "virtio-fs: getrlimit(RLIMIT_NOFILE): {e}"),
         }
-        limits
+        (limits, fitted)
     }
 
     /// Signals the worker to stop and joins it. Idempotent.
@@ -378,8 +381,8 @@ impl VirtioDevice for VirtioFs {
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(&self.root)
             .map_err(|e| ActivateError::Backend(format!("opening {:?}: {e}", self.root)))?;
-        let limits = self.effective_limits();
-        let backend = BoundedFs::new(fs, self.tag.clone(), limits);
+        let (limits, fitted) = self.effective_limits();
+        let backend = BoundedFs::new(fs, self.tag.clone(), limits, fitted);
 
         let (kill, worker_kill) = DeviceWorker::kill_pair()?;
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;

@@ -176,6 +176,8 @@ pub(super) struct BoundedFs<F> {
     inner: F,
     tag: String,
     limits: FsLimits,
+    /// The caps were lowered to fit `RLIMIT_NOFILE` (said when refusing).
+    fitted_to_nofile: bool,
     tables: Mutex<Tables>,
 }
 
@@ -188,11 +190,12 @@ pub(super) struct Usage {
 }
 
 impl<F: FileSystem<Inode = u64, Handle = u64>> BoundedFs<F> {
-    pub(super) fn new(inner: F, tag: String, limits: FsLimits) -> Self {
+    pub(super) fn new(inner: F, tag: String, limits: FsLimits, fitted_to_nofile: bool) -> Self {
         Self {
             inner,
             tag,
             limits,
+            fitted_to_nofile,
             tables: Mutex::new(Tables::new()),
         }
     }
@@ -230,10 +233,15 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> BoundedFs<F> {
             Cap::Handles => (self.limits.max_handles, "files open in the guest"),
         };
         if first {
+            let lowered = if self.fitted_to_nofile && cap != Cap::KnownInodes {
+                ", lowered to fit the shim's RLIMIT_NOFILE"
+            } else {
+                ""
+            };
             tracing::warn!(
                 tag = %self.tag,
-                "virtio-fs: {what} reached the cap of {limit} ({}); refusing more with errno {} \
-                 (further refusals are logged at debug level)",
+                "virtio-fs: {what} reached the cap of {limit} ({}{lowered}); refusing more with \
+                 errno {} (further refusals are logged at debug level)",
                 cap.config_key(),
                 cap.errno()
             );
@@ -794,12 +802,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for BoundedFs<F> {
 pub(super) const FD_RESERVE: u64 = 4096;
 
 /// Shrinks `limits` so that the inodes and handles (one descriptor each)
-/// fit in `nofile` minus [`FD_RESERVE`]: past the process's descriptor
+/// fit in `nofile` minus [`FD_RESERVE`] (a quarter of `nofile` when that is
+/// small): past the process's descriptor
 /// limit the share would fail with `EMFILE` anywhere, and take the
 /// descriptors the VMM needs for itself. Handles get at most a fifth of
 /// what is left. Returns whether anything was shrunk.
 pub(super) fn fit_to_nofile(limits: &mut FsLimits, nofile: u64) -> bool {
-    let budget = nofile.saturating_sub(FD_RESERVE).max(2);
+    let reserve = FD_RESERVE.min(nofile / 4);
+    let budget = nofile.saturating_sub(reserve).max(2);
     if limits.max_inodes.saturating_add(limits.max_handles) <= budget {
         return false;
     }
@@ -842,9 +852,12 @@ mod tests {
         assert_eq!(l.max_inodes + l.max_handles, 20_000 - FD_RESERVE);
         assert_eq!(l.max_known_inodes, FsLimits::default().max_known_inodes);
 
-        // A limit below the reserve still leaves a working (tiny) share.
+        // A small limit keeps a quarter for the rest of the process.
         let mut l = FsLimits::default();
-        assert!(fit_to_nofile(&mut l, 100));
+        assert!(fit_to_nofile(&mut l, 1024));
+        assert_eq!((l.max_inodes, l.max_handles), (615, 153));
+        let mut l = FsLimits::default();
+        assert!(fit_to_nofile(&mut l, 0));
         assert!(l.max_inodes >= 1 && l.max_handles >= 1);
     }
 
