@@ -1,5 +1,7 @@
 //! The worker thread of a virtio-fs device and the screening of guest
-//! requests before they reach `fuse_backend_rs`.
+//! requests before they reach `fuse_backend_rs`. Each request is copied
+//! out of guest memory once (`request.rs`); the screening and the server
+//! read only that copy.
 //!
 //! Every descriptor chain popped from a queue ends in the used ring, with
 //! one of three outcomes:
@@ -23,12 +25,11 @@ const FUSE_SYNCFS: u32 = 50;
 use std::fmt;
 use std::io;
 use std::mem::size_of;
+use std::os::fd::OwnedFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
-
-use std::os::fd::OwnedFd;
 
 use fuse_backend_rs::abi::fuse_abi::{AccessIn, InHeader, MknodIn, Opcode, OpenIn, OutHeader};
 use fuse_backend_rs::api::server::Server;
