@@ -15,8 +15,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::device_worker::{check_activation, read_config_bytes, DeviceWorker};
+use super::bounded_fs::BoundedFs;
 use super::chroot::ROOT_IN_CHROOT;
-use super::limits::{fit_to_nofile, nofile_limit, BoundedFs};
+use super::limits::{fit_to_nofile, nofile_limit};
 use super::worker::{RequestHandler, Worker, KILL_TOKEN};
 use super::{CONFIG_SPACE_SIZE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::config::FsLimits;

@@ -136,6 +136,7 @@
 //! host file-system operation delays the others (and `shutdown()` waits for
 //! it); the library logs some decode errors itself through `log`.
 
+mod bounded_fs;
 mod chroot;
 mod device;
 mod limits;

@@ -40,8 +40,8 @@ use vm_memory::ByteValued;
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::bounded_fs::BoundedFs;
 use super::chroot::confine_thread_to;
-use super::limits::BoundedFs;
 use super::request::{CopyError, RequestBuf};
 use super::NUM_QUEUES;
 use crate::devices::virtio::{GuestMemoryMmap, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
