@@ -86,6 +86,16 @@ pub struct Config {
     /// pod can pin on the host (virtio-fs inodes and handles, vsock
     /// streams, ...).
     pub max_open_files: u64,
+    /// Inodes a pod's guest may hold in its virtio-fs share (each keeps a
+    /// descriptor on the host); past it lookups fail with ENFILE.
+    pub fs_max_inodes: u64,
+    /// Files and directories a pod's guest may hold open in its share
+    /// (a descriptor each); past it opens fail with EMFILE.
+    pub fs_max_handles: u64,
+    /// Host inodes the share remembers for the guest, forgotten ones
+    /// included (a small record each, until the guest unmounts); past it
+    /// new inodes fail with ENFILE.
+    pub fs_max_known_inodes: u64,
 }
 
 /// The least `max_open_files` a shim can run with.
@@ -114,6 +124,9 @@ impl Default for Config {
             cgroup_parent: "/ember".into(),
             console_log_max_bytes: ember_vmm::config::DEFAULT_CONSOLE_LOG_MAX_BYTES,
             max_open_files: 65536,
+            fs_max_inodes: ember_vmm::FsLimits::default().max_inodes,
+            fs_max_handles: ember_vmm::FsLimits::default().max_handles,
+            fs_max_known_inodes: ember_vmm::FsLimits::default().max_known_inodes,
         }
     }
 }
@@ -215,6 +228,14 @@ impl Config {
             bail!(
                 "console_log_max_bytes must be at least {MIN_CONSOLE_LOG_MAX_BYTES}, not {}",
                 self.console_log_max_bytes
+        if self.fs_max_inodes == 0 || self.fs_max_handles == 0 {
+            bail!("fs_max_inodes and fs_max_handles must be more than 0");
+        }
+        if self.fs_max_known_inodes < self.fs_max_inodes {
+            bail!(
+                "fs_max_known_inodes ({}) must be at least fs_max_inodes ({})",
+                self.fs_max_known_inodes,
+                self.fs_max_inodes
             );
         }
         if !self.template_dir.is_absolute() {
@@ -253,6 +274,15 @@ impl Config {
 
     pub fn template_restore_timeout(&self) -> Duration {
         Duration::from_secs(self.template_restore_timeout_secs)
+    }
+
+    /// The caps of a pod's virtio-fs share.
+    pub fn fs_limits(&self) -> ember_vmm::FsLimits {
+        ember_vmm::FsLimits {
+            max_inodes: self.fs_max_inodes,
+            max_handles: self.fs_max_handles,
+            max_known_inodes: self.fs_max_known_inodes,
+        }
     }
 
     /// Whether annotation `name` may override a per-pod setting.
@@ -314,6 +344,9 @@ mod tests {
             template_restore_timeout_secs = 5
             cgroup_parent = "/pods/ember"
             console_log_max_bytes = 65536
+            fs_max_inodes = 1000
+            fs_max_handles = 100
+            fs_max_known_inodes = 5000
             "#,
         )
         .unwrap();
@@ -328,6 +361,14 @@ mod tests {
         assert_eq!(c.template_restore_timeout(), Duration::from_secs(5));
         assert_eq!(c.cgroup_parent, "/pods/ember");
         assert_eq!(c.console_log_max_bytes, 65536);
+        assert_eq!(
+            c.fs_limits(),
+            ember_vmm::FsLimits {
+                max_inodes: 1000,
+                max_handles: 100,
+                max_known_inodes: 5000,
+            }
+        );
     }
 
     #[test]
@@ -358,6 +399,8 @@ mod tests {
         assert!(err("cgroup_parent = \"/a/../b\"").contains("cgroup_parent"));
         assert!(err("cgroup_parent = \"/\"").contains("cgroup_parent"));
         assert!(err("console_log_max_bytes = 100").contains("console_log_max_bytes"));
+        assert!(err("fs_max_handles = 0").contains("fs_max_handles"));
+        assert!(err("fs_max_inodes = 10\nfs_max_known_inodes = 5").contains("fs_max_known_inodes"));
     }
 
     #[test]

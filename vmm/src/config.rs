@@ -29,6 +29,35 @@ pub struct FsShareConfig {
     pub tag: String,
     /// The host directory; the guest cannot reach outside it.
     pub shared_dir: PathBuf,
+    /// Caps on the host resources the share may hold for the guest.
+    #[serde(default)]
+    pub limits: FsLimits,
+}
+
+/// Caps on what one virtio-fs share keeps on the host for its guest (see
+/// `devices::virtio::fs`). Past a cap the guest's request fails with
+/// `ENFILE` (inodes) or `EMFILE` (open files); nothing else is affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FsLimits {
+    /// Inodes the guest holds (looked up and not forgotten); each keeps an
+    /// `O_PATH` descriptor and a table entry on the host.
+    pub max_inodes: u64,
+    /// Files and directories the guest holds open; each keeps a descriptor.
+    pub max_handles: u64,
+    /// Host inodes the backend remembers a nodeid for: every inode the
+    /// guest looked up since it mounted the share, forgotten or not.
+    pub max_known_inodes: u64,
+}
+
+impl Default for FsLimits {
+    fn default() -> Self {
+        Self {
+            max_inodes: 262_144,
+            max_handles: 65_536,
+            max_known_inodes: 4_194_304,
+        }
+    }
 }
 
 /// A virtio-net interface backed by a tap device.

@@ -20,7 +20,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use arch::x86_64::cpuid::CpuTemplate;
-pub use config::{FsShareConfig, NetConfig, VmConfig, VsockConfig};
+pub use config::{FsLimits, FsShareConfig, NetConfig, VmConfig, VsockConfig};
 pub use exit::ExitReason;
 pub use snapshot::store::{TemplateInfo, TemplateStore};
 pub use snapshot::{SnapshotError, SnapshotFiles};

@@ -321,10 +321,16 @@ impl Vm {
             virtio.push(dev);
         }
         for share in &config.fs_shares {
-            let mut dev = VirtioFs::new(&share.tag, share.shared_dir.clone(), FsOptions::default())
-                .map_err(|source| VmError::Fs {
-                    tag: share.tag.clone(),
-                    source,
+            let opts = FsOptions {
+                limits: share.limits,
+                ..FsOptions::default()
+            };
+            let mut dev =
+                VirtioFs::new(&share.tag, share.shared_dir.clone(), opts).map_err(|source| {
+                    VmError::Fs {
+                        tag: share.tag.clone(),
+                        source,
+                    }
                 })?;
             if let Origin::Restore(..) = origin {
                 dev.mark_restored();

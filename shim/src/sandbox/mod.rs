@@ -144,6 +144,7 @@ pub fn vm_config(config: &Config, paths: &SandboxPaths, setup: &SandboxSetup) ->
     vm.fs_shares = vec![FsShareConfig {
         tag: SHARE_TAG.into(),
         shared_dir: paths.shared.clone(),
+        limits: config.fs_limits(),
     }];
     vm.console_log = Some(paths.console_log.clone());
     vm.console_log_max_bytes = config.console_log_max_bytes;

@@ -2,6 +2,7 @@
 //! lifecycle. The request handling itself is in [`super::worker`].
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -14,8 +15,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::device_worker::{check_activation, read_config_bytes, DeviceWorker};
+use super::bounded_fs::BoundedFs;
+use super::chroot::ROOT_IN_CHROOT;
+use super::limits::{fit_to_nofile, nofile_limit};
 use super::worker::{RequestHandler, Worker, KILL_TOKEN};
 use super::{CONFIG_SPACE_SIZE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
+use crate::config::FsLimits;
 use crate::devices::virtio::{
     ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_FS,
 };
@@ -61,13 +66,17 @@ pub struct FsOptions {
     pub entry_timeout: Duration,
     /// How long the guest trusts attributes (default 1 s).
     pub attr_timeout: Duration,
-    /// Serve extended attributes (default off).
+    /// Serve extended attributes. Must stay off: [`VirtioFs::new`] refuses
+    /// it, as the confined worker cannot reach them (see the module doc).
     pub xattr: bool,
     /// Let the guest cache writes (default off; refused with `Never`).
     pub writeback: bool,
     /// Refuse every request that modifies the tree (`EROFS`), whatever the
     /// guest mount options say (default off).
     pub read_only: bool,
+    /// Caps on the inodes and open files the backend holds for the guest
+    /// (shrunk at activation to fit `RLIMIT_NOFILE`).
+    pub limits: FsLimits,
 }
 
 impl Default for FsOptions {
@@ -79,6 +88,7 @@ impl Default for FsOptions {
             xattr: false,
             writeback: false,
             read_only: false,
+            limits: FsLimits::default(),
         }
     }
 }
@@ -100,6 +110,11 @@ pub enum FsError {
     #[error("invalid virtio-fs options: {0}")]
     InvalidOptions(&'static str),
 }
+
+/// A test's stand-in for a vCPU that rewrites a request in guest memory
+/// right after the device copied it.
+#[cfg(test)]
+pub(super) type AfterCopyHook = Arc<dyn Fn() + Send + Sync>;
 
 /// The running worker of an activated device, and its stop flag (checked
 /// between requests, so a worker busy with a long queue stops soon).
@@ -126,6 +141,12 @@ pub struct VirtioFs {
     worker: Option<WorkerHandle>,
     /// The next activation restores a snapshot (see [`Self::mark_restored`]).
     restored: bool,
+    /// Handed to the request handler of the next activations.
+    #[cfg(test)]
+    pub(super) after_copy: Option<AfterCopyHook>,
+    /// The backend of the running worker, for tests to read its tables.
+    #[cfg(test)]
+    pub(super) backend: Option<Arc<super::worker::Backend>>,
 }
 
 impl std::fmt::Debug for VirtioFs {
@@ -166,6 +187,19 @@ impl VirtioFs {
                 "writeback caching needs cache policy auto or always",
             ));
         }
+        if opts.xattr {
+            // The backend reaches xattrs through "/proc/self/fd/N" paths,
+            // which the worker's chroot would resolve inside the share.
+            return Err(FsError::InvalidOptions(
+                "extended attributes cannot be served by the confined worker",
+            ));
+        }
+        let l = &opts.limits;
+        if l.max_inodes == 0 || l.max_handles == 0 || l.max_known_inodes < l.max_inodes {
+            return Err(FsError::InvalidOptions(
+                "the inode and handle caps must be at least 1, and max_known_inodes at least max_inodes",
+            ));
+        }
         let root = shared_dir
             .canonicalize()
             .map_err(|source| FsError::SharedDir {
@@ -196,6 +230,10 @@ impl VirtioFs {
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
             worker: None,
             restored: false,
+            #[cfg(test)]
+            after_copy: None,
+            #[cfg(test)]
+            backend: None,
         })
     }
 
@@ -227,10 +265,12 @@ impl VirtioFs {
         self.worker.is_some()
     }
 
-    /// A fresh backend for one activation.
+    /// A fresh backend for one activation, for a worker confined to the
+    /// share (its root is `/`). The passthrough opens `/proc/self/fd` here,
+    /// outside the chroot, and keeps that descriptor.
     fn build_backend(&self) -> io::Result<PassthroughFs<()>> {
         let cfg = passthrough::Config {
-            root_dir: self.root.to_string_lossy().into_owned(),
+            root_dir: ROOT_IN_CHROOT.to_string(),
             cache_policy: self.opts.cache.into(),
             entry_timeout: self.opts.entry_timeout,
             attr_timeout: self.opts.attr_timeout,
@@ -249,6 +289,29 @@ impl VirtioFs {
             ..passthrough::Config::default()
         };
         PassthroughFs::new(cfg)
+    }
+
+    /// The configured caps, shrunk to fit the process's descriptor limit,
+    /// and whether they were.
+    fn effective_limits(&self) -> (FsLimits, bool) {
+        let mut limits = self.opts.limits;
+        let mut fitted = false;
+        match nofile_limit() {
+            Ok(nofile) => {
+                if fit_to_nofile(&mut limits, nofile) {
+                    fitted = true;
+                    tracing::info!(
+                        tag = %self.tag,
+                        nofile,
+                        max_inodes = limits.max_inodes,
+                        max_handles = limits.max_handles,
+                        "virtio-fs: inode and handle caps lowered to fit RLIMIT_NOFILE"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(tag = %self.tag, "virtio-fs: getrlimit(RLIMIT_NOFILE): {e}"),
+        }
+        (limits, fitted)
     }
 
     /// Signals the worker to stop and joins it. Idempotent.
@@ -312,6 +375,15 @@ impl VirtioDevice for VirtioFs {
         let fs = self.build_backend().map_err(|e| {
             ActivateError::Backend(format!("passthrough file system for {:?}: {e}", self.root))
         })?;
+        // The worker's root-to-be, opened now so that it is the directory
+        // this device was created for.
+        let share = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&self.root)
+            .map_err(|e| ActivateError::Backend(format!("opening {:?}: {e}", self.root)))?;
+        let (limits, fitted) = self.effective_limits();
+        let backend = BoundedFs::new(fs, self.tag.clone(), limits, fitted);
 
         let (kill, worker_kill) = DeviceWorker::kill_pair()?;
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;
@@ -342,8 +414,16 @@ impl VirtioDevice for VirtioFs {
             _kill: worker_kill,
             stop: stop.clone(),
             epoll,
-            handler: RequestHandler::new(self.tag.clone(), fs, self.opts.read_only),
+            handler: RequestHandler::new(self.tag.clone(), backend, self.opts.read_only),
             import_root: std::mem::take(&mut self.restored),
+            share: share.into(),
+        };
+        #[cfg(test)]
+        let worker = {
+            let mut worker = worker;
+            worker.handler.after_copy = self.after_copy.clone();
+            self.backend = Some(worker.handler.backend());
+            worker
         };
 
         // The worker reports whether it could isolate its umask before it
@@ -367,6 +447,8 @@ impl VirtioDevice for VirtioFs {
             root = %self.root.display(),
             cache = ?self.opts.cache,
             read_only = self.opts.read_only,
+            max_inodes = limits.max_inodes,
+            max_handles = limits.max_handles,
             "virtio-fs: device activated"
         );
         self.worker = Some(WorkerHandle { thread, stop });

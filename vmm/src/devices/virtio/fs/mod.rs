@@ -60,7 +60,7 @@
 //! container root filesystems; `Always` trusts the guest page cache forever
 //! and must only be used for trees nobody changes on the host. Writeback
 //! caching is off (it lets the guest hold dirty data the host cannot see and
-//! needs `auto`/`always`); xattrs are off by default.
+//! needs `auto`/`always`); xattrs are not served (see below).
 //!
 //! # Security: the guest is untrusted and the shim is root
 //!
@@ -89,19 +89,40 @@
 //!   by unprivileged host users (keep their parents 0700, as containerd's
 //!   snapshot directories are), and host code walking a share must not
 //!   follow symlinks (`rm -rf` does not).
-//! - **Process-wide state.** The backend sets `umask(0)` when FUSE_INIT
-//!   arrives; the worker first does `unshare(CLONE_FS)`, so the umask change
-//!   is private to the worker thread and never loosens the modes of files
-//!   and sockets the rest of the shim creates. Without that isolation the
-//!   device refuses to start.
+//! - **One copy of each request.** The readable part of a chain is copied
+//!   out of guest memory once, into a host buffer; the screening below and
+//!   the FUSE server both read that copy, so a vCPU rewriting the request
+//!   meanwhile cannot swap a screened request for another (see
+//!   `request.rs`). A header whose `len` is not the chain's readable length,
+//!   or a request over 1 MiB + 4 KiB, is refused before the body is copied.
+//! - **The worker is confined to the share.** The worker thread first
+//!   gives itself its own fs_struct (`unshare(CLONE_FS)`: the umask(0) the
+//!   backend sets at FUSE_INIT stays on this thread and never loosens the
+//!   modes of files the rest of the shim creates) and then chroots into the
+//!   shared directory (see `chroot.rs`), so any path resolved on that
+//!   thread, absolute or `..`, stays inside the share; submounts (container
+//!   rootfs, volumes) are reached as before. The backend is built with `/`
+//!   as its root and its `/proc/self/fd` descriptor opened before the
+//!   chroot. Without both steps the device refuses to start. Extended
+//!   attributes are refused as an option: the backend reaches them through
+//!   `/proc/self/fd/N` paths, which do not exist inside the share.
+//! - **Bounded tables.** The backend keeps a descriptor per inode the guest
+//!   holds and per open file, and a small record per inode it ever looked
+//!   up; [`FsOptions::limits`] caps the three (ENFILE for inodes, EMFILE for
+//!   open files, logged once; see `limits.rs`), and the inode and handle
+//!   caps are lowered at activation to fit the process's `RLIMIT_NOFILE`.
+//! - **Read-only.** With [`FsOptions::read_only`] every opcode that can
+//!   modify the tree (SETATTR, CREATE, MKNOD, MKDIR, SYMLINK, LINK, UNLINK,
+//!   RMDIR, RENAME(2), WRITE, FALLOCATE, SETXATTR, REMOVEXATTR) is answered
+//!   `EROFS`, as are an OPEN for writing or with `O_TRUNC`/`O_CREAT` and an
+//!   ACCESS for `W_OK`; COPY_FILE_RANGE and other unserved opcodes get
+//!   `ENOSYS` on every device. Read-only volumes inside a writable share
+//!   are read-only bind mounts on the host.
 //! - **What is NOT protected against:** host processes renaming a directory
 //!   the guest has looked up to outside the shared tree (its `..` then leads
-//!   outside: the host must not move things out of a live share), and
+//!   outside, chroot or not: the walk starts from a descriptor, not from the
+//!   root; the host must not move things out of a live share), and
 //!   volumes the pod spec itself maps to sensitive host paths (hostPath).
-//!   Each LOOKUP keeps an `O_PATH` descriptor until the guest FORGETs it,
-//!   so a guest can exhaust the descriptors of its own VMM process; the
-//!   containerd model (one shim process per pod) confines that to its own
-//!   pod.
 //! - **Malformed input.** A descriptor chain outside guest memory or too
 //!   short for a FUSE header is completed with length 0 ("dropped"); a
 //!   header whose `len` disagrees with the chain gets `EINVAL`; unknown
@@ -115,12 +136,17 @@
 //! host file-system operation delays the others (and `shutdown()` waits for
 //! it); the library logs some decode errors itself through `log`.
 
+mod bounded_fs;
+mod chroot;
 mod device;
+mod limits;
+mod request;
 mod worker;
 
 #[cfg(test)]
 mod tests;
 
+pub use crate::config::FsLimits;
 pub use device::{CachePolicy, FsError, FsOptions, VirtioFs};
 
 /// Number of virtqueues: hiprio + one request queue.

@@ -38,6 +38,8 @@ use crate::devices::virtio::{
     GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_FS, VIRTIO_MMIO_INT_VRING,
 };
 
+mod isolation;
+
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const QSIZE: u16 = 16;
@@ -127,11 +129,18 @@ struct Guest {
 
 impl Guest {
     fn start(share: &Path, opts: FsOptions) -> Self {
+        let mut g = Self::new(share, opts);
+        g.activate();
+        g
+    }
+
+    /// The fake driver and a device not yet activated.
+    fn new(share: &Path, opts: FsOptions) -> Self {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
         let meta = fs::metadata(share).unwrap();
-        let mut g = Guest {
+        Guest {
             mem,
             queues: Vec::new(),
             evts: Vec::new(),
@@ -141,9 +150,7 @@ impl Guest {
             unique: 0,
             uid: meta.uid(),
             gid: meta.gid(),
-        };
-        g.activate();
-        g
+        }
     }
 
     /// Lays out fresh rings and activates the device, as the transport does
@@ -459,9 +466,38 @@ fn new_rejects_bad_tags_dirs_and_options() {
         ..o()
     };
     assert!(matches!(
-        VirtioFs::new("t", share, bad),
+        VirtioFs::new("t", share.clone(), bad),
         Err(FsError::InvalidOptions(_))
     ));
+    let xattr = FsOptions { xattr: true, ..o() };
+    assert!(matches!(
+        VirtioFs::new("t", share.clone(), xattr),
+        Err(FsError::InvalidOptions(_))
+    ));
+    for limits in [
+        FsLimits {
+            max_inodes: 0,
+            ..FsLimits::default()
+        },
+        FsLimits {
+            max_handles: 0,
+            ..FsLimits::default()
+        },
+        FsLimits {
+            max_inodes: 10,
+            max_known_inodes: 9,
+            ..FsLimits::default()
+        },
+    ] {
+        let bad = FsOptions { limits, ..o() };
+        assert!(
+            matches!(
+                VirtioFs::new("t", share.clone(), bad),
+                Err(FsError::InvalidOptions(_))
+            ),
+            "{limits:?}"
+        );
+    }
 }
 
 #[test]
@@ -696,6 +732,33 @@ fn garbage_requests_get_errors_and_the_device_keeps_serving() {
         assert_eq!(r.error(), -libc::EINVAL, "len {len}");
         assert_eq!(r.header().unique, h.unique);
     }
+
+    // A chain longer than its header's len (trailing bytes the header
+    // does not account for): EINVAL, nothing served.
+    let body = [GetattrIn::default().as_slice(), &[0u8; 16]].concat();
+    let h = g.header(Opcode::Getattr as u32, ROOT_ID, size_of::<GetattrIn>());
+    let r = g.raw(REQUEST_QUEUE, &[h.as_slice(), &body].concat(), RESP_LEN);
+    assert_eq!(r.error(), -libc::EINVAL);
+    assert_eq!(r.header().unique, h.unique);
+
+    // A request longer than the largest the server takes: EINVAL, and
+    // not copied.
+    let big = super::request::MAX_REQUEST_LEN + 1 - size_of::<InHeader>();
+    let h = g.header(Opcode::Write as u32, ROOT_ID, big);
+    g.mem
+        .write_slice(h.as_slice(), GuestAddress(REQ_BUF))
+        .unwrap();
+    let used = g.submit_chain(
+        REQUEST_QUEUE,
+        &[
+            (REQ_BUF, size_of::<InHeader>() as u32, 0),
+            (0x28_0000, big as u32, 0),
+            (RESP_BUF, 4096, F_WRITE),
+        ],
+    );
+    assert_eq!(used, Some(size_of::<OutHeader>() as u32));
+    let out: OutHeader = g.mem.read_obj(GuestAddress(RESP_BUF)).unwrap();
+    assert_eq!((out.error, out.unique), (-libc::EINVAL, h.unique));
 
     // Unknown opcodes (including the holes of the opcode space and DAX
     // mapping requests): ENOSYS; IOCTL: ENOTTY.

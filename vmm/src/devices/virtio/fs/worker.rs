@@ -1,5 +1,7 @@
 //! The worker thread of a virtio-fs device and the screening of guest
-//! requests before they reach `fuse_backend_rs`.
+//! requests before they reach `fuse_backend_rs`. Each request is copied
+//! out of guest memory once (`request.rs`); the screening and the server
+//! read only that copy.
 //!
 //! Every descriptor chain popped from a queue ends in the used ring, with
 //! one of three outcomes:
@@ -23,6 +25,7 @@ const FUSE_SYNCFS: u32 = 50;
 use std::fmt;
 use std::io;
 use std::mem::size_of;
+use std::os::fd::OwnedFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -31,11 +34,15 @@ use std::sync::Arc;
 use fuse_backend_rs::abi::fuse_abi::{AccessIn, InHeader, MknodIn, Opcode, OpenIn, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use fuse_backend_rs::transport::{FuseBuf, Reader, VirtioFsWriter};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::ByteValued;
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::bounded_fs::BoundedFs;
+use super::chroot::confine_thread_to;
+use super::request::{CopyError, RequestBuf};
 use super::NUM_QUEUES;
 use crate::devices::virtio::{GuestMemoryMmap, VirtioInterrupt, VIRTIO_MMIO_INT_VRING};
 
@@ -68,25 +75,25 @@ pub(super) struct Worker {
     /// Import the root before serving (the device was restored from a
     /// snapshot: the guest will not send FUSE_INIT).
     pub(super) import_root: bool,
+    /// The shared directory (an `O_PATH` descriptor the device opened),
+    /// the worker thread's root once it runs.
+    pub(super) share: OwnedFd,
 }
 
 impl Worker {
-    /// Thread body: isolates the thread's fs state, reports readiness on
+    /// Thread body: confines the thread to the share, reports readiness on
     /// `ready`, then serves until killed.
     pub(super) fn run(mut self, ready: SyncSender<io::Result<()>>) {
-        // The passthrough calls umask(0) at FUSE_INIT. Give this thread its
-        // own fs_struct (umask, cwd, root) first, so the rest of the process
-        // keeps its umask.
-        // SAFETY: unshare(2) takes a flag word and only changes the calling
-        // thread's kernel state; the return value is checked.
-        let rc = unsafe { libc::unshare(libc::CLONE_FS) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            tracing::error!(tag = %self.tag, "virtio-fs: unshare(CLONE_FS) failed: {e}");
+        // First of all, before anything is served: the thread gets its own
+        // fs_struct (so the umask(0) the passthrough sets at FUSE_INIT and
+        // the chroot stay on this thread) and the share becomes its root.
+        if let Err(e) = confine_thread_to(&self.share) {
+            tracing::error!(tag = %self.tag, "virtio-fs: cannot confine the worker to the share: {e}");
             let _ = ready.send(Err(e));
             return;
         }
-        // confinement: chroot (virtiofs helper) goes before this line
+        // Confinement (seccomp, capabilities) follows the chroot: the
+        // chroot needs CAP_SYS_CHROOT, which the fs role drops.
         if let Err(e) = crate::confine::thread(crate::confine::Role::FsWorker) {
             tracing::error!(tag = %self.tag, "virtio-fs: cannot confine the worker thread: {e}");
             let _ = ready.send(Err(e.into()));
@@ -301,32 +308,50 @@ fn errno_of(e: &fuse_backend_rs::Error) -> i32 {
     }
 }
 
+/// The backend of a device: the passthrough within the table caps.
+pub(super) type Backend = BoundedFs<PassthroughFs<()>>;
+
 /// Screens and serves requests; owns the FUSE server (and so the
 /// passthrough file system with all its descriptors).
 pub(super) struct RequestHandler {
     tag: String,
     /// The backend, also held by `server`: a restored device imports its
     /// root without a FUSE_INIT.
-    fs: Arc<PassthroughFs<()>>,
-    server: Server<Arc<PassthroughFs<()>>>,
+    fs: Arc<Backend>,
+    server: Server<Arc<Backend>>,
     read_only: bool,
+    /// The private copy of the request being handled.
+    request: RequestBuf,
     /// Set when the library panicked: its state may be inconsistent, so
     /// every later request gets `EIO` until the driver resets the device.
     poisoned: bool,
     warn_budget: u32,
+    /// Runs right after a request was copied out of guest memory: lets a
+    /// test play a vCPU that rewrites the request at the worst moment.
+    #[cfg(test)]
+    pub(super) after_copy: Option<super::device::AfterCopyHook>,
 }
 
 impl RequestHandler {
-    pub(super) fn new(tag: String, fs: PassthroughFs<()>, read_only: bool) -> Self {
+    pub(super) fn new(tag: String, fs: Backend, read_only: bool) -> Self {
         let fs = Arc::new(fs);
         Self {
             tag,
             server: Server::new(fs.clone()),
             fs,
             read_only,
+            request: RequestBuf::default(),
             poisoned: false,
             warn_budget: WARN_BUDGET,
+            #[cfg(test)]
+            after_copy: None,
         }
+    }
+
+    /// The backend (for the tests' view of its tables).
+    #[cfg(test)]
+    pub(super) fn backend(&self) -> Arc<Backend> {
+        self.fs.clone()
     }
 
     /// Makes the shared directory the root inode, as FUSE_INIT does. A
@@ -334,7 +359,7 @@ impl RequestHandler {
     /// to the VM the snapshot was taken from, never to this backend. Sets
     /// the calling thread's umask to 0 (call it on the worker thread).
     pub(super) fn import_root(&self) -> io::Result<()> {
-        self.fs.import()
+        self.fs.inner().import()
     }
 
     fn guest_warn(&mut self, args: fmt::Arguments<'_>) {
@@ -353,31 +378,34 @@ impl RequestHandler {
     }
 
     /// Serves one chain; returns the number of bytes written for the used
-    /// ring.
+    /// ring. The request is copied out of guest memory once; screening and
+    /// serving both read that copy (see [`super::request`]).
     pub(super) fn handle(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> u32 {
-        let mut reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                self.guest_warn(format_args!("dropping unreadable descriptor chain: {e}"));
-                return 0;
-            }
-        };
-        let readable = reader.available_bytes();
-        let header: InHeader = match reader.read_obj() {
+        let header = match self.request.copy_in(mem, chain.clone()) {
             Ok(h) => h,
-            Err(_) => {
-                self.guest_warn(format_args!(
-                    "dropping chain: {readable} readable bytes hold no FUSE header"
-                ));
+            Err(CopyError::Drop(why)) => {
+                self.guest_warn(format_args!("{why}"));
                 return 0;
             }
+            Err(CopyError::Refuse(h, why)) => {
+                self.guest_warn(format_args!("{why}"));
+                return if is_no_reply(h.opcode) {
+                    0
+                } else {
+                    reply_error(mem, chain, h.unique, libc::EINVAL)
+                };
+            }
         };
+        #[cfg(test)]
+        if let Some(hook) = &self.after_copy {
+            hook();
+        }
 
-        match self.screen(&header, &mut reader, readable) {
+        match self.screen(&header) {
             Verdict::Drop => 0,
             Verdict::Reply(errno) => reply_error(mem, chain, header.unique, errno),
             Verdict::Serve => self.serve(mem, chain, &header),
@@ -385,8 +413,8 @@ impl RequestHandler {
     }
 
     /// Decides what to do with a request from its header (and, for a few
-    /// opcodes, its fixed-size argument, read from `body`).
-    fn screen(&mut self, h: &InHeader, body: &mut Reader<'_>, readable: usize) -> Verdict {
+    /// opcodes, its fixed-size argument), both read from the copy.
+    fn screen(&mut self, h: &InHeader) -> Verdict {
         let op = h.opcode;
         let refuse = if is_no_reply(op) {
             Verdict::Drop
@@ -400,14 +428,8 @@ impl RequestHandler {
                 Verdict::Reply(errno)
             }
         };
-
         let len = h.len as usize;
-        if len < size_of::<InHeader>() || len > readable {
-            self.guest_warn(format_args!(
-                "opcode {op}: header len {len} does not fit the {readable} readable bytes"
-            ));
-            return refuse;
-        }
+
         if self.poisoned {
             return refuse_with(libc::EIO);
         }
@@ -426,7 +448,7 @@ impl RequestHandler {
         }
 
         if op == Opcode::Mknod as u32 {
-            let Ok(args) = body.read_obj::<MknodIn>() else {
+            let Some(args) = arg::<MknodIn>(self.request.body(len)) else {
                 self.guest_warn(format_args!("MKNOD without its arguments"));
                 return refuse;
             };
@@ -446,7 +468,7 @@ impl RequestHandler {
                 return refuse_with(libc::EROFS);
             }
             if op == Opcode::Open as u32 {
-                let Ok(args) = body.read_obj::<OpenIn>() else {
+                let Some(args) = arg::<OpenIn>(self.request.body(len)) else {
                     return refuse;
                 };
                 let flags = args.flags as i32;
@@ -457,7 +479,7 @@ impl RequestHandler {
                 }
             }
             if op == Opcode::Access as u32 {
-                let Ok(args) = body.read_obj::<AccessIn>() else {
+                let Some(args) = arg::<AccessIn>(self.request.body(len)) else {
                     return refuse;
                 };
                 if args.mask & libc::W_OK as u32 != 0 {
@@ -468,23 +490,24 @@ impl RequestHandler {
         Verdict::Serve
     }
 
-    /// Hands a screened request to the FUSE server.
+    /// Hands a screened request, from the copy, to the FUSE server.
     fn serve(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
         header: &InHeader,
     ) -> u32 {
-        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
-            Ok(r) => r,
-            Err(_) => return 0,
-        };
         let writer = match VirtioFsWriter::new(mem, chain.clone()) {
             Ok(w) => w,
             Err(e) => {
                 self.guest_warn(format_args!("dropping chain with bad writable part: {e}"));
                 return 0;
             }
+        };
+        let request = self.request.request(header.len as usize);
+        let reader = match Reader::<()>::from_fuse_buffer(FuseBuf::new(request)) {
+            Ok(r) => r,
+            Err(_) => return 0,
         };
         let writable = writer.available_bytes();
         let server = &self.server;
@@ -524,6 +547,14 @@ impl RequestHandler {
             }
         }
     }
+}
+
+/// A request's fixed-size argument, read from (a copy of) its body.
+fn arg<T: ByteValued + Default>(body: &[u8]) -> Option<T> {
+    let mut t = T::default();
+    let n = size_of::<T>();
+    t.as_mut_slice().copy_from_slice(body.get(..n)?);
+    Some(t)
 }
 
 /// Writes a bare reply header (`error` is 0 or a negated errno) at the start
