@@ -62,10 +62,9 @@ const COMMON: &[i64] = &[
 /// vCPU threads: KVM_RUN and the vCPU ioctls below, the buses' work
 /// (eventfd writes that raise interrupts, console bytes to an open file),
 /// and device activation, which runs on the vCPU that wrote DRIVER_OK:
-/// epoll and eventfd creation, fd duplication, and the virtio-fs
-/// backend's two `openat`s (`O_PATH` on `/proc/self/fd`, read-only on
-/// `/proc/self/mountinfo`; only with exactly those flags: never writable).
-/// No sockets, no thread creation (workers are created by the spawner).
+/// epoll and eventfd creation, fd duplication. No file opens (the virtio-fs
+/// backend is built on its worker thread), no sockets, no thread creation
+/// (workers are created by the spawner).
 const VCPU: &[i64] = &[
     libc::SYS_read,
     libc::SYS_epoll_create1,
@@ -333,19 +332,6 @@ pub fn rules(role: Role) -> Result<Rules, ConfineError> {
         Role::Vcpu => {
             allow(&mut rules, VCPU);
             allow_arg_in(&mut rules, libc::SYS_ioctl, 1, &vcpu_ioctls())?;
-            // virtio-fs activation builds the passthrough backend on this
-            // thread: `/proc/self/fd` as O_PATH and `/proc/self/mountinfo`
-            // read-only, with exactly these flags. (Known gap: the second
-            // lets a compromised vCPU thread open files read-only; it goes
-            // once the device builds its backend off the vCPU thread.)
-            let fs_proc_self_fd = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-            let fs_mountinfo = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-            allow_arg_in(
-                &mut rules,
-                libc::SYS_openat,
-                2,
-                &[fs_proc_self_fd, fs_mountinfo],
-            )?;
         }
         Role::VsockWorker => {
             allow(&mut rules, VSOCK);

@@ -265,55 +265,6 @@ impl VirtioFs {
         self.worker.is_some()
     }
 
-    /// A fresh backend for one activation, for a worker confined to the
-    /// share (its root is `/`). The passthrough opens `/proc/self/fd` here,
-    /// outside the chroot, and keeps that descriptor.
-    fn build_backend(&self) -> io::Result<PassthroughFs<()>> {
-        let cfg = passthrough::Config {
-            root_dir: ROOT_IN_CHROOT.to_string(),
-            cache_policy: self.opts.cache.into(),
-            entry_timeout: self.opts.entry_timeout,
-            attr_timeout: self.opts.attr_timeout,
-            xattr: self.opts.xattr,
-            writeback: self.opts.writeback,
-            // Import the root at FUSE_INIT and validate every name component
-            // (the passthrough skips validation when it is not the top).
-            do_import: true,
-            // Keep O_PATH fds, never open_by_handle_at on guest-influenced
-            // handles.
-            inode_file_handles: false,
-            no_open: false,
-            no_opendir: false,
-            killpriv_v2: false,
-            dax_file_size: None,
-            ..passthrough::Config::default()
-        };
-        PassthroughFs::new(cfg)
-    }
-
-    /// The configured caps, shrunk to fit the process's descriptor limit,
-    /// and whether they were.
-    fn effective_limits(&self) -> (FsLimits, bool) {
-        let mut limits = self.opts.limits;
-        let mut fitted = false;
-        match nofile_limit() {
-            Ok(nofile) => {
-                if fit_to_nofile(&mut limits, nofile) {
-                    fitted = true;
-                    tracing::info!(
-                        tag = %self.tag,
-                        nofile,
-                        max_inodes = limits.max_inodes,
-                        max_handles = limits.max_handles,
-                        "virtio-fs: inode and handle caps lowered to fit RLIMIT_NOFILE"
-                    );
-                }
-            }
-            Err(e) => tracing::warn!(tag = %self.tag, "virtio-fs: getrlimit(RLIMIT_NOFILE): {e}"),
-        }
-        (limits, fitted)
-    }
-
     /// Signals the worker to stop and joins it. Idempotent.
     fn stop_worker(&mut self) {
         let Some(w) = self.worker.take() else {
@@ -324,6 +275,57 @@ impl VirtioFs {
             tracing::debug!(tag = %self.tag, "virtio-fs: worker stopped");
         }
     }
+}
+
+/// A fresh backend for one activation, for a worker confined to the
+/// share (its root is `/`). The passthrough opens `/proc/self/fd` here,
+/// outside the chroot, and keeps that descriptor. Runs on the worker
+/// thread before its chroot: the vCPU thread that activates the device
+/// may open no file under its seccomp filter.
+fn build_backend(opts: &FsOptions) -> io::Result<PassthroughFs<()>> {
+    let cfg = passthrough::Config {
+        root_dir: ROOT_IN_CHROOT.to_string(),
+        cache_policy: opts.cache.into(),
+        entry_timeout: opts.entry_timeout,
+        attr_timeout: opts.attr_timeout,
+        xattr: opts.xattr,
+        writeback: opts.writeback,
+        // Import the root at FUSE_INIT and validate every name component
+        // (the passthrough skips validation when it is not the top).
+        do_import: true,
+        // Keep O_PATH fds, never open_by_handle_at on guest-influenced
+        // handles.
+        inode_file_handles: false,
+        no_open: false,
+        no_opendir: false,
+        killpriv_v2: false,
+        dax_file_size: None,
+        ..passthrough::Config::default()
+    };
+    PassthroughFs::new(cfg)
+}
+
+/// The configured caps, shrunk to fit the process's descriptor limit,
+/// and whether they were.
+fn effective_limits(tag: &str, opts: &FsOptions) -> (FsLimits, bool) {
+    let mut limits = opts.limits;
+    let mut fitted = false;
+    match nofile_limit() {
+        Ok(nofile) => {
+            if fit_to_nofile(&mut limits, nofile) {
+                fitted = true;
+                tracing::info!(
+                    tag = %tag,
+                    nofile,
+                    max_inodes = limits.max_inodes,
+                    max_handles = limits.max_handles,
+                    "virtio-fs: inode and handle caps lowered to fit RLIMIT_NOFILE"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(tag = %tag, "virtio-fs: getrlimit(RLIMIT_NOFILE): {e}"),
+    }
+    (limits, fitted)
 }
 
 impl VirtioDevice for VirtioFs {
@@ -372,19 +374,6 @@ impl VirtioDevice for VirtioFs {
             &queue_evts,
         )?;
 
-        let fs = self.build_backend().map_err(|e| {
-            ActivateError::Backend(format!("passthrough file system for {:?}: {e}", self.root))
-        })?;
-        // The worker's root-to-be, opened now so that it is the directory
-        // this device was created for.
-        let share = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(&self.root)
-            .map_err(|e| ActivateError::Backend(format!("opening {:?}: {e}", self.root)))?;
-        let (limits, fitted) = self.effective_limits();
-        let backend = BoundedFs::new(fs, self.tag.clone(), limits, fitted);
-
         let (kill, worker_kill) = DeviceWorker::kill_pair()?;
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;
         for (i, evt) in queue_evts.iter().enumerate() {
@@ -404,32 +393,76 @@ impl VirtioDevice for VirtioFs {
             )
             .map_err(ActivateError::Worker)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_worker_flag = stop.clone();
 
-        let worker = Worker {
-            tag: self.tag.clone(),
-            mem,
-            interrupt,
-            queues,
-            queue_evts,
-            _kill: worker_kill,
-            stop: stop.clone(),
-            epoll,
-            handler: RequestHandler::new(self.tag.clone(), backend, self.opts.read_only),
-            import_root: std::mem::take(&mut self.restored),
-            share: share.into(),
-        };
+        // The backend, the share's descriptor and the caps are made on the
+        // worker thread itself (spawned from the control plane, not from
+        // this vCPU thread), right before it chroots into the share.
+        let tag = self.tag.clone();
+        let root = self.root.clone();
+        let opts = self.opts.clone();
+        let import_root = std::mem::take(&mut self.restored);
         #[cfg(test)]
-        let worker = {
-            let mut worker = worker;
-            worker.handler.after_copy = self.after_copy.clone();
-            self.backend = Some(worker.handler.backend());
-            worker
+        let after_copy = self.after_copy.clone();
+        #[cfg(test)]
+        let (backend_tx, backend_rx) = mpsc::sync_channel::<Arc<super::worker::Backend>>(1);
+        let setup = move || -> io::Result<Worker> {
+            let fs = build_backend(&opts).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("passthrough file system for {root:?}: {e}"),
+                )
+            })?;
+            // The worker's root-to-be, opened now so that it is the
+            // directory this device was created for.
+            let share = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(&root)
+                .map_err(|e| io::Error::new(e.kind(), format!("opening {root:?}: {e}")))?;
+            let (limits, fitted) = effective_limits(&tag, &opts);
+            let backend = BoundedFs::new(fs, tag.clone(), limits, fitted);
+            tracing::info!(
+                tag = %tag,
+                root = %root.display(),
+                cache = ?opts.cache,
+                read_only = opts.read_only,
+                max_inodes = limits.max_inodes,
+                max_handles = limits.max_handles,
+                "virtio-fs: device activated"
+            );
+            let worker = Worker {
+                tag: tag.clone(),
+                mem,
+                interrupt,
+                queues,
+                queue_evts,
+                _kill: worker_kill,
+                stop: stop_worker_flag,
+                epoll,
+                handler: RequestHandler::new(tag, backend, opts.read_only),
+                import_root,
+                share: share.into(),
+            };
+            #[cfg(test)]
+            let worker = {
+                let mut worker = worker;
+                worker.handler.after_copy = after_copy;
+                let _ = backend_tx.send(worker.handler.backend());
+                worker
+            };
+            Ok(worker)
         };
 
-        // The worker reports whether it could isolate its umask before it
+        // The worker reports whether it could isolate itself before it
         // serves anything; see `Worker::run`.
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
-        let thread = DeviceWorker::spawn(THREAD_NAME, kill, move || worker.run(ready_tx))?;
+        let thread = DeviceWorker::spawn(THREAD_NAME, kill, move || match setup() {
+            Ok(worker) => worker.run(ready_tx),
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })?;
 
         let started = match ready_rx.recv() {
             Ok(Ok(())) => Ok(()),
@@ -442,15 +475,10 @@ impl VirtioDevice for VirtioFs {
             return Err(ActivateError::Backend(why));
         }
 
-        tracing::info!(
-            tag = %self.tag,
-            root = %self.root.display(),
-            cache = ?self.opts.cache,
-            read_only = self.opts.read_only,
-            max_inodes = limits.max_inodes,
-            max_handles = limits.max_handles,
-            "virtio-fs: device activated"
-        );
+        #[cfg(test)]
+        {
+            self.backend = backend_rx.try_recv().ok();
+        }
         self.worker = Some(WorkerHandle { thread, stop });
         Ok(())
     }
