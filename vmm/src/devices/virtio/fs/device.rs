@@ -228,7 +228,7 @@ impl VirtioFs {
     }
 
     /// A fresh backend for one activation.
-    fn build_backend(&self) -> io::Result<PassthroughFs<()>> {
+    pub(super) fn build_backend(&self) -> io::Result<PassthroughFs<()>> {
         let cfg = passthrough::Config {
             root_dir: self.root.to_string_lossy().into_owned(),
             cache_policy: self.opts.cache.into(),

@@ -116,6 +116,9 @@
 //! it); the library logs some decode errors itself through `log`.
 
 mod device;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod worker;
 
 #[cfg(test)]
