@@ -6,7 +6,7 @@ well-formed input of its target's format (see the doc comment at the top
 of fuzz_targets/<target>.rs) that reaches the interesting paths, so the
 fuzzer starts from there instead of from random bytes. The wrapped-payload
 seeds of snapshot_state are not made here: they come from the target's own
-synthesized states (EMBER_FUZZ_DUMP_STATE, see deploy/fuzz.sh --seeds).
+synthesized states (run the target on the synth-* seeds with EMBER_FUZZ_DUMP_STATE=<dir>; saved as wrapped-*).
 """
 
 import json
@@ -433,7 +433,32 @@ def replies():
     write("agent_replies", "create", b"\x04" + field(1, 0, 42))
 
 
+def snapshot():
+    """Synthesized states (mode bit 1): transports of every device type."""
+    def queue(max_size, size, ready, base):
+        return struct.pack("<HIBQQQHH", max_size, size, ready, base,
+                           base + 0x1000, base + 0x2000, 3, 3)
+
+    def device(sel, status, acked, queues):
+        out = struct.pack("<BIQIIIII", sel, status, acked, 0, 1, 0, 1, 0)
+        return out + bytes([len(queues)]) + b"".join(queues)
+
+    serial = bytes([12, 0, 1, 1, 3, 0x60, 8, 0xb0, 0]) + bytes([3]) + b"abc"
+    running = device(1, 0xf, 1 << 32, [queue(256, 256, 1, 0x1000), queue(256, 256, 1, 0x4000),
+                                       queue(256, 256, 1, 0x7000)])
+    setup = device(0, 0xb, 1 << 32, [queue(256, 128, 1, 0x1000), queue(256, 0, 0, 0)])
+    broken = device(2, 0xf, 1 << 32, [queue(1024, 5000, 1, 1 << 40), queue(3, 3, 1, 0)])
+    for name, devs in (("synth-running", [running]), ("synth-two", [setup, running]),
+                       ("synth-bad-queues", [broken, device(3, 0x8f, 0, [])])):
+        body = bytes([4]) + b"test" + struct.pack("<Q", 1 << 20) + bytes([len(devs)])
+        write("snapshot_state", name, b"\x02" + body + b"".join(devs) + serial)
+    # Whole files: truncated, wrong magic, wrong version.
+    write("snapshot_state", "file-bad-magic", b"\x01NOTEMBER" + bytes(60))
+    write("snapshot_state", "file-bad-version", b"\x01EMBERSNP" + struct.pack("<IQ", 99, 0) + bytes(32))
+
+
 def main():
+    snapshot()
     vsock_packet()
     net()
     mmio()

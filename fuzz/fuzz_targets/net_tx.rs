@@ -45,11 +45,17 @@ fuzz_target!(|data: &[u8]| {
         used.iter().all(|&(_, len)| len == 0),
         "TX chain used with a length"
     );
+    assert!(
+        used.iter()
+            .all(|&(id, _)| id < u32::from(ember_fuzz::queue::QSIZE)),
+        "used entry for a descriptor outside the table"
+    );
     let stats = net.stats();
     assert_eq!(stats.tx_frames as usize, sent.load(Ordering::Relaxed));
-    assert_eq!(
-        (stats.tx_frames + stats.tx_dropped + stats.tx_bad_chains) as usize,
-        used.len(),
-        "every used TX chain is counted once"
+    // Every chain returned is counted; chains whose head is outside the
+    // table are counted but cannot be returned.
+    assert!(
+        (stats.tx_frames + stats.tx_dropped + stats.tx_bad_chains) as usize >= used.len(),
+        "a used TX chain was not counted"
     );
 });

@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ember_fuzz::Input;
 use ember_vmm::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+use ember_vmm::devices::virtio::mmio::{MmioQueueState, MmioState};
 use ember_vmm::devices::virtio::test_utils::DummyDevice;
 use ember_vmm::devices::virtio::{GuestMemoryMmap, VirtioDevice};
-use ember_vmm::devices::virtio::mmio::{MmioQueueState, MmioState};
 use ember_vmm::snapshot::{SerialSnapshot, SnapshotState, VmState, FORMAT_VERSION};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
@@ -68,17 +68,97 @@ fn wrap(payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// A state from the input (see the module docs).
+fn synthesize(input: &mut Input<'_>) -> SnapshotState {
+    let id_len = usize::from(input.u8() % 64);
+    let identity = String::from_utf8_lossy(input.bytes(id_len)).into_owned();
+    let mem_size = input.u64();
+    let ndev = input.u8() % 4;
+    let devices = (0..ndev)
+        .map(|_| {
+            let device_type = [1, 19, 26, 0x42][usize::from(input.u8() % 4)];
+            let mut st = MmioState {
+                device_type,
+                status: input.u32(),
+                acked_features: input.u64(),
+                device_features_sel: input.u32(),
+                driver_features_sel: input.u32(),
+                queue_sel: input.u32(),
+                interrupt_status: input.u32(),
+                config_generation: input.u32(),
+                queues: Vec::new(),
+            };
+            let nq = input.u8() % 4;
+            st.queues = (0..nq)
+                .map(|_| MmioQueueState {
+                    max_size: input.u16(),
+                    size: input.u32(),
+                    ready: input.u8() & 1 == 1,
+                    desc: input.u64(),
+                    driver: input.u64(),
+                    device: input.u64(),
+                    next_avail: input.u16(),
+                    next_used: input.u16(),
+                })
+                .collect();
+            st
+        })
+        .collect();
+    let regs = input.bytes(9).to_vec();
+    let reg = |i: usize| regs.get(i).copied().unwrap_or(0);
+    let in_len = usize::from(input.u8());
+    let serial = SerialSnapshot {
+        baud_divisor_low: reg(0),
+        baud_divisor_high: reg(1),
+        interrupt_enable: reg(2),
+        interrupt_identification: reg(3),
+        line_control: reg(4),
+        line_status: reg(5),
+        modem_control: reg(6),
+        modem_status: reg(7),
+        scratch: reg(8),
+        in_buffer: input.bytes(in_len).to_vec(),
+    };
+    SnapshotState {
+        identity,
+        mem_size,
+        cmdline: "console=ttyS0".into(),
+        vcpus: Vec::new(),
+        vm: VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        serial,
+        devices,
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
     let mode = input.u8();
-    let rest = input.rest();
-    let file = if mode & 1 == 1 {
-        rest.to_vec()
-    } else {
-        wrap(rest)
-    };
     let path = state_path();
-    std::fs::write(path, &file).expect("write the state file");
+    if mode & 2 == 2 {
+        let state = synthesize(&mut input);
+        state.write(path).expect("write a synthesized state");
+        if let Some(dir) = std::env::var_os("EMBER_FUZZ_DUMP_STATE") {
+            let file = std::fs::read(path).expect("read back");
+            let mut seed = vec![0u8];
+            seed.extend_from_slice(&file[20..file.len() - 32]);
+            let name = format!("synth-{:016x}", short_digest(&seed));
+            std::fs::write(PathBuf::from(dir).join(name), seed).expect("dump");
+        }
+    } else {
+        let rest = input.rest();
+        let file = if mode & 1 == 1 {
+            rest.to_vec()
+        } else {
+            wrap(rest)
+        };
+        std::fs::write(path, &file).expect("write the state file");
+    }
     let Ok(state) = SnapshotState::read(path) else {
         return;
     };
