@@ -63,7 +63,7 @@ run_one() {
     # they are.
     "$bindir/$t" -max_total_time="$seconds" -timeout="$timeout_s" \
         -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
-        -artifact_prefix="fuzz/artifacts/$t/" \
+        -artifact_prefix="$PWD/fuzz/artifacts/$t/" \
         "$corpus" "fuzz/corpus/$t" >"$work/$t.log" 2>&1
 }
 

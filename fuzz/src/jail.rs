@@ -16,7 +16,9 @@
 //!    disk, and gone when the process ends.
 //!
 //! It then checks that `/` really is read-only for it and aborts the run
-//! otherwise. Needs root (CI and `deploy/fuzz.sh` run as root).
+//! otherwise. The one exception is libFuzzer's artifact directory, so the
+//! input of a crash on this thread is saved. Needs root (CI and
+//! `deploy/fuzz.sh` run as root).
 
 use std::ffi::CString;
 use std::path::Path;
@@ -82,6 +84,7 @@ fn confine() -> Result<(), String> {
             std::mem::size_of::<MountAttr>(),
         )
     })?;
+    keep_artifacts_writable()?;
     let src = CString::new("ember-fuzz").map_err(|e| e.to_string())?;
     let tmp = CString::new("/tmp").map_err(|e| e.to_string())?;
     let fstype = CString::new("tmpfs").map_err(|e| e.to_string())?;
@@ -108,6 +111,47 @@ fn confine() -> Result<(), String> {
     std::fs::create_dir(SHARE).map_err(|e| format!("mkdir {SHARE}: {e}"))?;
     std::env::set_current_dir(Path::new(SHARE)).map_err(|e| format!("chdir {SHARE}: {e}"))?;
     Ok(())
+}
+
+/// A crash on the jail thread (an abort) makes libFuzzer write the input
+/// from this thread: bind the artifact directory (`-artifact_prefix=`, an
+/// absolute path as `deploy/fuzz.sh` passes it) writable again, or the
+/// reproducer would be lost.
+fn keep_artifacts_writable() -> Result<(), String> {
+    let Some(dir) = std::env::args()
+        .find_map(|a| a.strip_prefix("-artifact_prefix=").map(str::to_string))
+        .filter(|d| d.starts_with('/'))
+    else {
+        return Ok(());
+    };
+    let dir = CString::new(dir.trim_end_matches('/')).map_err(|e| e.to_string())?;
+    // SAFETY: valid C strings; a bind mount in this thread's namespace.
+    check("bind the artifact directory", unsafe {
+        libc::mount(
+            dir.as_ptr(),
+            dir.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    } as libc::c_long)?;
+    let attr = MountAttr {
+        attr_set: 0,
+        attr_clr: MOUNT_ATTR_RDONLY,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: as in `confine`, on the bind mount just made.
+    check("make the artifact directory writable", unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            dir.as_ptr(),
+            0 as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
 }
 
 impl Jail {

@@ -206,7 +206,7 @@ impl SnapshotState {
         // huge string or vector is an error, not an allocation failure.
         let config = bincode::config::standard().with_limit::<{ MAX_STATE_LEN as usize }>();
         let (state, _) = bincode::serde::decode_from_slice(&body[20..], config)
-                .map_err(|e| SnapshotError::Format(format!("decoding {}: {e}", path.display())))?;
+            .map_err(|e| SnapshotError::Format(format!("decoding {}: {e}", path.display())))?;
         Ok(state)
     }
 }

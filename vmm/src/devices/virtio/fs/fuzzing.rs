@@ -33,7 +33,11 @@ impl FsHarness {
     }
 
     /// Serves one chain; returns the used length the worker would report.
-    pub fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    pub fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
         self.handler.handle(mem, chain)
     }
 }
