@@ -14,7 +14,6 @@ use ember_fuzz::fake_tap::FakeTap;
 use ember_fuzz::queue::GuestQueue;
 use ember_fuzz::Input;
 use ember_vmm::devices::virtio::net::device::fuzzing::NetHarness;
-use ember_vmm::devices::virtio::net::{MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN};
 use ember_vmm::devices::virtio::test_utils::CountingInterrupt;
 use libfuzzer_sys::fuzz_target;
 
@@ -56,19 +55,13 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
     }
+    // The used ring itself is not checked entry by entry: a guest may
+    // point an RX buffer at its own rings, and the frame then lands there.
     let used = gq.used();
     assert!(
         used.len() <= usize::from(gq.published()),
         "more chains used than published"
     );
-    for &(_, len) in &used {
-        let len = len as usize;
-        assert!(
-            len == 0
-                || (VNET_HDR_LEN + MIN_FRAME_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN).contains(&len),
-            "RX chain used with length {len}"
-        );
-    }
     let stats = net.stats();
     assert!(stats.rx_frames as usize <= usize::from(nframes));
 });
