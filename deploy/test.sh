@@ -32,6 +32,7 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast -- --test-threads=2 "$@" 2>&1 | tee "$log" || status=$?
+deploy/fuzz.sh  # every fuzz target for FUZZ_SECONDS on its seed corpus (README "Fuzzing")
 [ "$status" = 0 ] && exit 0
 
 # On hosts without VT-x (emulated CPU template) guest processes die with

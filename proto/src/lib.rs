@@ -88,10 +88,12 @@ pub mod time {
             }
             Err(e) => {
                 let d = e.duration();
-                let mut secs = -(d.as_secs() as i64);
+                // A SystemTime reaches back to i64::MIN seconds, whose
+                // magnitude does not fit an i64: subtract, never negate.
+                let mut secs = 0i64.saturating_sub_unsigned(d.as_secs());
                 let mut nanos = d.subsec_nanos() as i32;
                 if nanos > 0 {
-                    secs -= 1;
+                    secs = secs.saturating_sub(1);
                     nanos = 1_000_000_000 - nanos;
                 }
                 ts.seconds = secs;
@@ -147,6 +149,22 @@ mod tests {
         }
         let ts = to_timestamp(UNIX_EPOCH - Duration::new(5, 250_000_000));
         assert_eq!((ts.seconds, ts.nanos), (-6, 750_000_000));
+    }
+
+    /// Fuzzing finding (agent_replies target): a hostile agent's
+    /// `exited_at` of `i64::MIN` seconds is a valid `SystemTime`, and
+    /// turning it back into a timestamp for the TaskExit event negated
+    /// `i64::MIN` (a panic with overflow checks on).
+    #[test]
+    fn timestamp_of_the_earliest_system_time() {
+        for nanos in [0, 1, 999_999_999] {
+            let mut ts = Timestamp::new();
+            ts.seconds = i64::MIN;
+            ts.nanos = nanos;
+            let t = from_timestamp(&ts).expect("i64::MIN seconds is a SystemTime on Linux");
+            let back = to_timestamp(t);
+            assert_eq!((back.seconds, back.nanos), (i64::MIN, nanos));
+        }
     }
 
     #[test]

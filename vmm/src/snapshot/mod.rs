@@ -227,9 +227,12 @@ impl SnapshotState {
         if payload_len != (body.len() - 20) as u64 {
             return Err(SnapshotError::Checksum(path.to_path_buf()));
         }
-        let (state, _) =
-            bincode::serde::decode_from_slice(&body[20..], bincode::config::standard())
-                .map_err(|e| SnapshotError::Format(format!("decoding {}: {e}", path.display())))?;
+        // The limit makes bincode check every length it reads against
+        // the bytes left before allocating: a state file that claims a
+        // huge string or vector is an error, not an allocation failure.
+        let config = bincode::config::standard().with_limit::<{ MAX_STATE_LEN as usize }>();
+        let (state, _) = bincode::serde::decode_from_slice(&body[20..], config)
+            .map_err(|e| SnapshotError::Format(format!("decoding {}: {e}", path.display())))?;
         Ok(state)
     }
 }
@@ -309,6 +312,33 @@ mod tests {
             },
             serial: SerialSnapshot::from(vm_superio::serial::SerialState::default()),
             devices: Vec::new(),
+        }
+    }
+
+    /// Fuzzing finding (snapshot_state target): a state file with a valid
+    /// header and checksum whose payload claims a string of 2^62 bytes made
+    /// the decoder allocate that much (a capacity-overflow panic, or an
+    /// abort for lengths the allocator refuses).
+    #[test]
+    fn huge_lengths_in_the_payload_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        for claimed in [1u64 << 62, 1 << 40, u64::MAX] {
+            // bincode varint: 0xfd, then the length as a little-endian u64.
+            let mut payload = vec![0xfd];
+            payload.extend_from_slice(&claimed.to_le_bytes());
+            let mut bytes = Vec::new();
+            bytes.extend_from_slice(MAGIC);
+            bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+            bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            let digest = Sha256::digest(&bytes);
+            bytes.extend_from_slice(&digest);
+            std::fs::write(&path, &bytes).unwrap();
+            assert!(matches!(
+                SnapshotState::read(&path),
+                Err(SnapshotError::Format(_))
+            ));
         }
     }
 

@@ -14,8 +14,9 @@ pub mod mmio;
 pub mod net;
 #[cfg(test)]
 pub(crate) mod test_driver;
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod test_utils;
 mod used_ring;
 pub mod vsock;
 

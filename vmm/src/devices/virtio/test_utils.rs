@@ -11,27 +11,27 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt};
 
 /// VIRTIO_F_VERSION_1.
-pub(crate) const FEATURE_VERSION_1: u64 = 1 << 32;
+pub const FEATURE_VERSION_1: u64 = 1 << 32;
 
 /// A [`VirtioInterrupt`] that counts triggers and accumulates status bits.
 #[derive(Default)]
-pub(crate) struct CountingInterrupt {
+pub struct CountingInterrupt {
     count: AtomicUsize,
     status: AtomicU32,
 }
 
 impl CountingInterrupt {
-    pub(crate) fn new() -> Arc<Self> {
+    pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
     /// Number of `trigger` calls so far.
-    pub(crate) fn count(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
 
     /// OR of every status passed to `trigger`.
-    pub(crate) fn status(&self) -> u32 {
+    pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
     }
 }
@@ -47,7 +47,7 @@ impl VirtioInterrupt for CountingInterrupt {
 /// A [`VirtioDevice`] with no worker: it stores what `activate` handed it and
 /// counts calls, so a test holding an `Arc<Mutex<DummyDevice>>` can inspect
 /// it after coercing a clone to `Arc<Mutex<dyn VirtioDevice>>`.
-pub(crate) struct DummyDevice {
+pub struct DummyDevice {
     pub device_type: u32,
     pub avail_features: u64,
     pub acked_features: Option<u64>,
@@ -69,7 +69,7 @@ pub(crate) struct DummyDevice {
 impl DummyDevice {
     /// A device of type 0x42 with two queues (max sizes 16 and 8), an 8-byte
     /// config space `0..8`, offering VERSION_1 and feature bit 0.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             device_type: 0x42,
             avail_features: FEATURE_VERSION_1 | 1,

@@ -283,8 +283,14 @@ impl VirtioFs {
 /// thread before its chroot: the vCPU thread that activates the device
 /// may open no file under its seccomp filter.
 fn build_backend(opts: &FsOptions) -> io::Result<PassthroughFs<()>> {
+    build_backend_at(opts, ROOT_IN_CHROOT)
+}
+
+/// A backend rooted at `root_dir` (the fuzz harness serves a directory of
+/// its jail without a chroot).
+pub(super) fn build_backend_at(opts: &FsOptions, root_dir: &str) -> io::Result<PassthroughFs<()>> {
     let cfg = passthrough::Config {
-        root_dir: ROOT_IN_CHROOT.to_string(),
+        root_dir: root_dir.to_string(),
         cache_policy: opts.cache.into(),
         entry_timeout: opts.entry_timeout,
         attr_timeout: opts.attr_timeout,

@@ -141,6 +141,9 @@ mod chroot;
 mod device;
 mod limits;
 mod request;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod worker;
 
 #[cfg(test)]

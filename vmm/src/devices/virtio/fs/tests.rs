@@ -993,3 +993,24 @@ fn worker_thread_is_named() {
     assert!(names.iter().any(|n| n == "ember-virtiofs"), "{names:?}");
     drop(g);
 }
+
+/// Fuzzing finding (virtio_fs target; issue 9, finding 7), against the
+/// fake guest driver above: FUSE_OPEN with `O_PATH` among its flags gets
+/// an `O_PATH` handle; a WRITE on it fails inside fuse-backend-rs 0.14's
+/// passthrough `write` after it wrapped the handle's borrowed fd in a
+/// `File`, whose drop on that error path closes the fd the handle still
+/// owns, so RELEASE closes the same number a second time: whatever the
+/// VMM opened there meanwhile (an abort in debug builds, a closed
+/// unrelated descriptor in release builds). A Linux guest never sends
+/// `O_PATH` in FUSE_OPEN (such opens do not reach FUSE), so the device
+/// must refuse these flags before the library sees them. Reproducer:
+/// `fuzz/corpus/virtio_fs/crash-c647252b1f3a8d8d333dcedfa274ea196a06c32f`.
+#[test]
+fn open_with_o_path_is_refused() {
+    let (_tmp, share) = share();
+    let mut g = Guest::start(&share, FsOptions::default());
+    g.init();
+    let e = g.lookup(ROOT_ID, "hello.txt").unwrap();
+    let r = g.open(Opcode::Open, e.nodeid, libc::O_RDWR | libc::O_PATH);
+    assert!(r.is_err(), "FUSE_OPEN with O_PATH was served: {r:?}");
+}

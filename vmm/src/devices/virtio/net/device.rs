@@ -822,3 +822,97 @@ impl Worker {
         );
     }
 }
+
+/// The worker's TX and RX passes, run synchronously for the fuzz targets
+/// (feature `fuzzing`): the same [`Worker`] the device thread runs, built
+/// the way [`Net::activate`] builds it, without the thread and its epoll
+/// loop, so a fuzz input maps to one deterministic sequence of passes.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// A device worker over `queues` (receiveq, transmitq) and `backend`.
+    pub struct NetHarness {
+        worker: Worker,
+    }
+
+    impl NetHarness {
+        /// `mtu`: the MTU the driver accepted (`None`: no MTU feature).
+        pub fn new(
+            mem: GuestMemoryMmap,
+            interrupt: Arc<dyn VirtioInterrupt>,
+            rxq: Queue,
+            txq: Queue,
+            backend: Box<dyn NetBackend>,
+            mtu: Option<u16>,
+        ) -> io::Result<Self> {
+            let epoll = Epoll::new()?;
+            let backend_fd = backend.raw_fd();
+            epoll.ctl(
+                ControlOperation::Add,
+                backend_fd,
+                EpollEvent::new(EventSet::IN, TOKEN_BACKEND),
+            )?;
+            let rx_max_frame = mtu.map_or(MAX_FRAME_LEN, |m| {
+                (usize::from(m) + ETH_OVERHEAD).min(MAX_FRAME_LEN)
+            });
+            Ok(Self {
+                worker: Worker {
+                    mem,
+                    interrupt,
+                    queues: [rxq, txq],
+                    rx_evt: EventFd::new(EFD_NONBLOCK)?,
+                    tx_evt: EventFd::new(EFD_NONBLOCK)?,
+                    kill: EventFd::new(EFD_NONBLOCK)?,
+                    epoll,
+                    backend,
+                    backend_fd,
+                    backend_armed: true,
+                    backend_failed: false,
+                    rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+                    rx_pending: None,
+                    rx_max_frame,
+                    tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN],
+                    segs: Vec::new(),
+                    tx_more: false,
+                    rx_more: false,
+                    stats: Arc::new(Stats::default()),
+                    log: LogLimiter::new(),
+                },
+            })
+        }
+
+        /// One TX pass (a guest TX notification); returns whether chains
+        /// were used, and whether the pass stopped on its budget.
+        pub fn process_tx(&mut self) -> (bool, bool) {
+            let used = self.worker.process_tx();
+            (used, self.worker.tx_more)
+        }
+
+        /// One RX pass (backend readable or guest RX notification).
+        pub fn process_rx(&mut self) -> (bool, bool) {
+            self.worker.arm_backend();
+            let used = self.worker.process_rx();
+            (used, self.worker.rx_more)
+        }
+
+        /// Interrupts the guest for the used chains, as after each pass.
+        pub fn signal(&mut self, tx: bool, rx: bool) {
+            let mut notify = [false; NUM_QUEUES];
+            notify[TXQ] = tx;
+            notify[RXQ] = rx;
+            self.worker.signal(notify);
+        }
+
+        pub fn stats(&self) -> NetStats {
+            self.worker.stats.snapshot()
+        }
+
+        /// The queues (receiveq, transmitq), to check ring positions.
+        pub fn queues(&self) -> &[Queue; NUM_QUEUES] {
+            &self.worker.queues
+        }
+    }
+}

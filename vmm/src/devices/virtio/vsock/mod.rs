@@ -20,6 +20,9 @@
 pub mod client;
 mod csm;
 pub mod device;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod muxer;
 pub mod packet;
 mod unix;
