@@ -228,6 +228,8 @@ impl Config {
             bail!(
                 "console_log_max_bytes must be at least {MIN_CONSOLE_LOG_MAX_BYTES}, not {}",
                 self.console_log_max_bytes
+            );
+        }
         if self.fs_max_inodes == 0 || self.fs_max_handles == 0 {
             bail!("fs_max_inodes and fs_max_handles must be more than 0");
         }

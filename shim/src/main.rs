@@ -26,7 +26,10 @@ fn main() {
         if let Some(code) = ember_shim::start::intercept().await {
             std::process::exit(code);
         }
-        containerd_shim::asynchronous::run::<EmberShim>(ember_shim::RUNTIME_ID, Some(shim_config()))
-            .await;
+        containerd_shim::asynchronous::run::<EmberShim>(
+            ember_shim::RUNTIME_ID,
+            Some(shim_config()),
+        )
+        .await;
     });
 }

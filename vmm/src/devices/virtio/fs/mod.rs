@@ -139,11 +139,11 @@
 mod bounded_fs;
 mod chroot;
 mod device;
-mod limits;
-mod request;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod limits;
+mod request;
 mod worker;
 
 #[cfg(test)]
