@@ -574,7 +574,7 @@ mod tests {
             "/x/y/k8s.io-sb"
         );
         let p = pod_cgroup("/ember", "default", "../../etc", &Value::Null).unwrap();
-        assert!(p.to_string().starts_with("/ember/default-h-"), "{p}");
+        assert!(p.to_string().starts_with("/ember/default-_"), "{p}");
         let evil = json!({
             "annotations": {"io.kubernetes.cri.container-type": "sandbox"},
             "linux": {"cgroupsPath": "/kubepods/../../x"}
