@@ -170,3 +170,27 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub mod containerd;
 pub mod cri;
 pub mod image;
+
+/// Why an end-to-end VM test cannot run on this machine (no `/dev/kvm`, no
+/// guest kernel or initrd built), or `None` when it can.
+pub fn vm_prerequisites_missing() -> Option<String> {
+    let kernel = std::env::var_os("EMBER_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/ember/vmlinux".into());
+    let initrd = std::env::var_os("EMBER_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/ember/initrd.img".into());
+    let mut missing = Vec::new();
+    if !std::path::Path::new("/dev/kvm").exists() {
+        missing.push("/dev/kvm is absent".to_string());
+    }
+    for p in [kernel, initrd] {
+        if !p.exists() {
+            missing.push(format!(
+                "{} is missing (deploy/build-kernel.sh, deploy/build-initrd.sh)",
+                p.display()
+            ));
+        }
+    }
+    (!missing.is_empty()).then(|| missing.join("; "))
+}

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use ember_e2e::containerd::{Containerd, Options, EMBER_RUNTIME};
 use ember_e2e::image::BUSYBOX_IMAGE;
+use ember_e2e::vm_prerequisites_missing as missing_prerequisites;
 
 const POD: &str = "attack-console";
 /// The console cap for this test: small, so that a flood through the slow
@@ -35,22 +36,6 @@ const FLOOD_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Task calls (and the shim's agent deadline is FLOOD_TIMEOUT): on a
 /// loaded host a guest may take minutes to create a container.
 const TASK_TIMEOUT: Duration = Duration::from_secs(900);
-
-fn missing_prerequisites() -> Option<String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Some("/dev/kvm is absent".into());
-    }
-    let (kernel, initrd) = ember_e2e::artifacts();
-    for p in [kernel, initrd] {
-        if !p.exists() {
-            return Some(format!(
-                "{} is missing (deploy/build-kernel.sh, deploy/build-initrd.sh)",
-                p.display()
-            ));
-        }
-    }
-    None
-}
 
 /// Sets the process umask; the old one comes back on drop. containerd and
 /// the shims it starts inherit it.

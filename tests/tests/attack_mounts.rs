@@ -37,6 +37,7 @@ use ember_e2e::containerd::{
     mounts_under, Containerd, CtrOutput, Options, EMBER_RUNTIME, EMBER_STATE_DIR,
 };
 use ember_e2e::image::BUSYBOX_IMAGE;
+use ember_e2e::vm_prerequisites_missing as missing_prerequisites;
 
 /// All containers of this test share one pod VM.
 const GROUP: &str = "io.ember.group=attack";
@@ -47,27 +48,6 @@ const FIRST_TIMEOUT: Duration = Duration::from_secs(1500);
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
 const MARKER: &str = "the host's own data";
-
-fn missing_prerequisites() -> Option<String> {
-    let mut missing = Vec::new();
-    if !Path::new("/dev/kvm").exists() {
-        missing.push("/dev/kvm is absent".to_string());
-    }
-    let (kernel, initrd) = (
-        std::env::var_os("EMBER_KERNEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/lib/ember/vmlinux".into()),
-        std::env::var_os("EMBER_INITRD")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/lib/ember/initrd.img".into()),
-    );
-    for p in [kernel, initrd] {
-        if !p.exists() {
-            missing.push(format!("{} is missing", p.display()));
-        }
-    }
-    (!missing.is_empty()).then(|| missing.join("; "))
-}
 
 /// A tmpfs on the host, outside every share, with a marker file.
 struct Bait {

@@ -29,6 +29,7 @@ use anyhow::{bail, ensure, Context, Result};
 use ember_e2e::containerd::{Containerd, Options, EMBER_RUNTIME};
 use ember_e2e::cri::{api, container_config, pod_config, CniNetwork, Cri, PodNetwork};
 use ember_e2e::image::BUSYBOX_IMAGE;
+use ember_e2e::vm_prerequisites_missing as missing_prerequisites;
 
 const HANDLER: &str = "ember";
 /// A CNI bridge of this test's own (the first free slot from here).
@@ -41,20 +42,6 @@ const MEASURE: Duration = Duration::from_secs(10);
 const PERIOD_US: u64 = 100_000;
 /// 0.1 CPU.
 const QUOTA_US: u64 = 10_000;
-
-fn missing_prerequisites() -> Option<String> {
-    let (kernel, initrd) = ember_e2e::artifacts();
-    let mut missing = Vec::new();
-    if !Path::new("/dev/kvm").exists() {
-        missing.push("/dev/kvm is absent".to_string());
-    }
-    for p in [kernel, initrd] {
-        if !p.exists() {
-            missing.push(format!("{} is missing", p.display()));
-        }
-    }
-    (!missing.is_empty()).then(|| missing.join("; "))
-}
 
 fn skip_loudly(test: &str, why: &str) {
     let msg = format!(

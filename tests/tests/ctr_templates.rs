@@ -17,34 +17,18 @@
 //! Two cold boots in all. Skipped, loudly, when /dev/kvm or the guest
 //! kernel/initrd are missing.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use ember_e2e::containerd::{Containerd, CtrOutput, Options, EMBER_RUNTIME};
 use ember_e2e::image::BUSYBOX_IMAGE;
+use ember_e2e::vm_prerequisites_missing as missing_prerequisites;
 
 /// A pod start that may boot cold (and write the template).
 const COLD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Task calls on running pods.
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn missing_prerequisites() -> Option<String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Some("/dev/kvm is absent".into());
-    }
-    let (kernel, initrd) = ember_e2e::artifacts();
-    for p in [kernel, initrd] {
-        if !p.exists() {
-            return Some(format!(
-                "{} is missing (deploy/build-kernel.sh, deploy/build-initrd.sh)",
-                p.display()
-            ));
-        }
-    }
-    None
-}
 
 struct Pods<'a> {
     ctrd: &'a Containerd,

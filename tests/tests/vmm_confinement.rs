@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use ember_e2e::containerd::{Containerd, CtrOutput, Options, EMBER_RUNTIME};
 use ember_e2e::image::BUSYBOX_IMAGE;
+use ember_e2e::vm_prerequisites_missing as missing_prerequisites;
 use ember_vmm::confine::{sigsys, Role};
 
 /// A pod start that may boot cold (generous: CI machines without VT-x
@@ -34,19 +35,6 @@ const COLD_TIMEOUT: Duration = Duration::from_secs(900);
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
 const POD_A: &str = "confine-a";
 const POD_B: &str = "confine-b";
-
-fn missing_prerequisites() -> Option<String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Some("/dev/kvm is absent".into());
-    }
-    let (kernel, initrd) = ember_e2e::artifacts();
-    for p in [kernel, initrd] {
-        if !p.exists() {
-            return Some(format!("{} is missing", p.display()));
-        }
-    }
-    None
-}
 
 /// The role of a shim thread, from its name.
 fn role_of(comm: &str) -> Role {
