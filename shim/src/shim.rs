@@ -79,6 +79,36 @@ pub fn confine_if_serving() {
     }
     let pod = std::env::var(POD_ID_ENV).unwrap_or_else(|_| flags.id.clone());
     confine::sigsys::set_label(&format!("{}/{pod}", flags.namespace));
+    // A panic is reported as one line in containerd's log, without the
+    // default hook's backtrace: capturing one opens files, which the
+    // seccomp filters of vCPU and device threads forbid (the report would
+    // become a SIGSYS that hides the panic).
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let line = format!(
+            "ember: panic in thread {} at {at}: {payload}\n",
+            thread.name().unwrap_or("?")
+        );
+        // SAFETY: write(2) of a live buffer to the log descriptor this
+        // process keeps open for its whole life.
+        unsafe {
+            libc::write(
+                confine::sigsys::report_fd(),
+                line.as_ptr().cast(),
+                line.len(),
+            )
+        };
+    }));
     // A broken config is reported by `new`; the defaults bound us meanwhile.
     let max_open_files = Config::load()
         .map(|(c, _)| c.max_open_files)

@@ -170,7 +170,10 @@ fn cases(ctrd: &Containerd, state_root: &Path) -> Result<()> {
     let logs: Vec<PathBuf> = std::fs::read_dir(&pod_dir)?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains("console"))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("console"))
+        })
         .collect();
     ensure!(logs.len() == 2, "console files: {logs:?}");
     let newest = std::fs::read(&console)?;
