@@ -139,6 +139,21 @@ pub struct ProcessLimits {
 /// guest-driven threads enabled, and the control plane's deny-list on
 /// every thread (TSYNC).
 pub fn process(limits: ProcessLimits) -> Result<(), ConfineError> {
+    // One malloc arena for the whole process. glibc gives threads arenas
+    // of their own, and the first time it shrinks one (at a thread's exit,
+    // say) it reads /proc/sys/vm/overcommit_memory: an `openat` on whatever
+    // thread that is, which the vCPU and device filters forbid (seen as a
+    // SIGSYS of the vsock worker at every VM teardown). The main arena
+    // trims with brk(2) and never asks. The shim has a dozen threads; one
+    // arena costs nothing measurable there.
+    // SAFETY: mallopt sets an allocator parameter; called before the
+    // process starts any thread of its own.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        return Err(ConfineError::Io {
+            what: "limiting malloc to one arena (mallopt M_ARENA_MAX)",
+            source: io::Error::other("mallopt refused M_ARENA_MAX"),
+        });
+    }
     let mut inherited = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
