@@ -492,11 +492,18 @@ pub struct ShutdownReport {
     pub leftover_shims: Vec<String>,
     /// Mount points left under the temp dir, unmounted.
     pub leftover_mounts: Vec<String>,
+    /// Lines of containerd's log where a shim reported its own death: a
+    /// seccomp violation (SIGSYS) or a panic. A shim that ends that way at
+    /// teardown leaves nothing a test would otherwise see.
+    pub shim_deaths: Vec<String>,
 }
 
 impl ShutdownReport {
+    /// Nothing leaked and no shim died of a seccomp violation or a panic.
     pub fn is_clean(&self) -> bool {
-        self.leftover_shims.is_empty() && self.leftover_mounts.is_empty()
+        self.leftover_shims.is_empty()
+            && self.leftover_mounts.is_empty()
+            && self.shim_deaths.is_empty()
     }
 }
 
@@ -827,6 +834,15 @@ impl Containerd {
             return r.clone();
         }
         let mut report = ShutdownReport::default();
+        report.shim_deaths = self
+            .log()
+            .lines()
+            .filter(|l| {
+                l.starts_with("ember: seccomp: forbidden system call")
+                    || l.starts_with("ember: panic in thread")
+            })
+            .map(str::to_string)
+            .collect();
         if let Some(mut child) = self.child.take() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

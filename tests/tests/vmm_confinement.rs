@@ -460,5 +460,17 @@ fn a_forbidden_call_on_a_vcpu_thread_ends_only_that_vm() {
     if let Err(e) = result {
         panic!("{e:#}");
     }
-    assert!(report.is_clean(), "containerd shutdown left: {report:?}");
+    // Pod A's shim died of the forbidden call on purpose; nothing else may.
+    assert!(
+        report.leftover_shims.is_empty() && report.leftover_mounts.is_empty(),
+        "containerd shutdown left: {report:?}"
+    );
+    assert!(
+        report
+            .shim_deaths
+            .iter()
+            .all(|l| l.contains(&format!("of pod default/{POD_A}:"))),
+        "a shim other than pod A's died: {:?}",
+        report.shim_deaths
+    );
 }
