@@ -833,16 +833,18 @@ impl Containerd {
         if let Some(r) = &self.report {
             return r.clone();
         }
-        let mut report = ShutdownReport::default();
-        report.shim_deaths = self
-            .log()
-            .lines()
-            .filter(|l| {
-                l.starts_with("ember: seccomp: forbidden system call")
-                    || l.starts_with("ember: panic in thread")
-            })
-            .map(str::to_string)
-            .collect();
+        let mut report = ShutdownReport {
+            shim_deaths: self
+                .log()
+                .lines()
+                .filter(|l| {
+                    l.starts_with("ember: seccomp: forbidden system call")
+                        || l.starts_with("ember: panic in thread")
+                })
+                .map(str::to_string)
+                .collect(),
+            ..ShutdownReport::default()
+        };
         if let Some(mut child) = self.child.take() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
