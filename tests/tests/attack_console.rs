@@ -67,9 +67,10 @@ fn mode(p: &Path) -> Result<u32> {
 }
 
 /// Every directory under `root` is 0700 and every regular file 0600
-/// (sockets are reachable only through their 0700 directory); `skip`
-/// (the guest's share, whose content the guest owns) is not entered.
-fn check_private(root: &Path, skip: Option<&Path>) -> Result<usize> {
+/// (sockets are reachable only through their 0700 directory). The
+/// directories in `skip` (the pod's mount tree and the guest's view of it,
+/// whose content is the containers' own) must be 0700 but are not entered.
+fn check_private(root: &Path, skip: &[PathBuf]) -> Result<usize> {
     let mut checked = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -82,7 +83,10 @@ fn check_private(root: &Path, skip: Option<&Path>) -> Result<usize> {
         checked += 1;
         for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = e?.path();
-            if Some(path.as_path()) == skip {
+            if skip.contains(&path) {
+                let m = mode(&path)?;
+                ensure!(m == 0o700, "{} is {m:o}, not 0700", path.display());
+                checked += 1;
                 continue;
             }
             let ft = std::fs::symlink_metadata(&path)?.file_type();
@@ -193,7 +197,7 @@ fn cases(ctrd: &Containerd, state_root: &Path) -> Result<()> {
     ensure!(out.stdout_str().trim() == "alive", "{}", out.describe());
 
     // Private, whatever the umask: the pod's state.
-    let n = check_private(&pod_dir, Some(&pod_dir.join("shared")))?;
+    let n = check_private(&pod_dir, &[pod_dir.join("shared"), pod_dir.join("mounts")])?;
     println!(
         "[attack_console] {} private: {n} entries",
         pod_dir.display()
