@@ -532,10 +532,8 @@ fn ctr_case(ctrd: &Containerd, host: &Host, parent: &str) -> Result<()> {
     let shim = serving_shim(ctrd, id)?;
     assert_threads_in(host, shim, &cg, &["cpu"])?;
     // SAFETY: kill(2) of the shim this test found.
-    ensure!(
-        unsafe { libc::kill(shim, libc::SIGKILL) } == 0,
-        "kill {shim}"
-    );
+    let killed = unsafe { libc::kill(shim, libc::SIGKILL) };
+    ensure!(killed == 0, "kill {shim}");
     wait_gone(shim, Duration::from_secs(30))?;
     wait_removed(host, &cg, Duration::from_secs(60))?;
     println!("[cgroup] shim killed: {cg} removed by the shim's delete");

@@ -64,25 +64,30 @@ fn allowed_work(evt: &EventFd) {
 /// One forbidden call per role, and its number.
 fn forbidden_call(role: Role) -> i64 {
     match role {
-        // SAFETY (all arms): plain system calls whose result is ignored;
-        // the filter traps them before the kernel runs them.
+        // Every arm: a plain system call whose result is ignored; the
+        // filter traps it before the kernel runs it.
+        // SAFETY: socket(2) with constant arguments.
         Role::Vcpu => unsafe {
             libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
             libc::SYS_socket
         },
         // An Internet socket: only AF_UNIX passes the argument check.
+        // SAFETY: socket(2) with constant arguments.
         Role::VsockWorker => unsafe {
             libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
             libc::SYS_socket
         },
+        // SAFETY: openat(2) of a static C string.
         Role::NetWorker => unsafe {
             libc::openat(libc::AT_FDCWD, c"/etc/hostname".as_ptr(), libc::O_RDONLY);
             libc::SYS_openat
         },
+        // SAFETY: mount(2) with null arguments (fails or traps).
         Role::FsWorker => unsafe {
             libc::syscall(libc::SYS_mount, 0, 0, 0, 0, 0);
             libc::SYS_mount
         },
+        // SAFETY: ptrace(PTRACE_TRACEME) takes no pointers.
         Role::ControlPlane => unsafe {
             libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
             libc::SYS_ptrace
