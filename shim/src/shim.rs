@@ -231,7 +231,7 @@ impl Shim for EmberShim {
                 &pod,
                 &bundle_spec(&self.bundle),
             ) {
-                Ok(path) => errors.extend(cgroup::remove(&path)),
+                Ok(path) => errors.extend(cgroup::remove(&path, cgroup::REMOVE_WAIT)),
                 Err(e) => tracing::debug!(container = %self.id, "no pod cgroup to remove: {e:#}"),
             }
             for e in errors {

@@ -31,7 +31,9 @@
 //! Cleanup: when the pod's VM is gone, the shim moves back to the cgroup it
 //! came from and removes the pod's directory ([`HostCgroup::leave`]); if
 //! the shim died instead, `<shim> delete` (run by containerd after the
-//! shim exited) removes it ([`remove`]). Only the pod's own directory is
+//! shim exited) removes it ([`remove`], which waits a moment for the dead
+//! shim's threads to leave: the kernel closes a killed process's socket
+//! before its threads leave their cgroups). Only the pod's own directory is
 //! removed, never a parent, and only when it is empty (rmdir fails
 //! otherwise).
 
@@ -39,6 +41,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
@@ -484,16 +487,63 @@ impl HostCgroup {
     }
 }
 
-/// Removes the pod's directory in every hierarchy, if it is there and
-/// empty: cleanup by `<shim> delete` after the serving shim died.
-pub fn remove(path: &CgroupPath) -> Vec<anyhow::Error> {
+/// How long [`remove`] waits for the dead shim's threads to leave the
+/// pod's cgroup. containerd gives `<shim> delete` 5 s in all (its
+/// `io.containerd.timeout.shim.cleanup`).
+pub const REMOVE_WAIT: Duration = Duration::from_secs(3);
+
+/// Removes the pod's directory in every hierarchy, if it is there: cleanup
+/// by `<shim> delete` after the serving shim died.
+///
+/// containerd runs `delete` as soon as the shim's socket closes, and a
+/// killed process closes its files before its threads leave their cgroups
+/// (`exit_files` comes before `cgroup_exit` in the kernel's `do_exit`), so
+/// the directory can still be busy for a moment: `rmdir` is tried again
+/// until `wait` has passed. A cgroup that stays busy (a live process in
+/// it) is an error naming its tasks, and is left alone.
+pub fn remove(path: &CgroupPath, wait: Duration) -> Vec<anyhow::Error> {
     let hs = match detect() {
         Ok(hs) => hs,
         Err(e) => return vec![e],
     };
+    let deadline = Instant::now() + wait;
     hs.iter()
-        .filter_map(|h| remove_dir(&h.mount.join(path.relative())).err())
+        .filter_map(|h| remove_when_empty(&h.mount.join(path.relative()), deadline).err())
         .collect()
+}
+
+fn remove_when_empty(dir: &Path, deadline: Instant) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {
+                if started.elapsed() > Duration::from_millis(1) {
+                    tracing::debug!(
+                        dir = %dir.display(),
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "cgroup removed once its last task had left"
+                    );
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                let tasks = std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default();
+                return Err(e).with_context(|| {
+                    format!(
+                        "removing cgroup {} (after {} ms; processes in it: [{tasks}])",
+                        dir.display(),
+                        started.elapsed().as_millis()
+                    )
+                });
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -660,5 +710,83 @@ mod tests {
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
         assert_eq!(unescape_mountinfo("/plain\\04"), "/plain\\04");
+    }
+
+    /// A cgroup of its own in every hierarchy holding `child`.
+    fn cgroup_holding(name: &str, child: u32) -> CgroupPath {
+        let path = CgroupPath::parse_absolute(
+            &format!("/ember-unit-{name}-{}", std::process::id()),
+            "test",
+        )
+        .unwrap();
+        for h in detect().unwrap() {
+            make_dirs(&h, &path).unwrap();
+            move_pid(&h.mount.join(path.relative()), child).unwrap();
+        }
+        path
+    }
+
+    /// A process that holds 64 MiB it has touched, so that its exit
+    /// (unmapping that memory) is not instantaneous.
+    fn busy_child() -> std::process::Child {
+        std::process::Command::new("dd")
+            .args(["if=/dev/zero", "of=/dev/null", "bs=64M", "count=100000000"])
+            .spawn()
+            .unwrap()
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn the_cgroup_of_a_process_killed_a_moment_ago_is_removed() {
+        if !is_root() {
+            return eprintln!("skipped: cgroups need root");
+        }
+        // What containerd does: SIGKILL (or a crash), then `<shim> delete`
+        // at once. Each round is a fresh race with the child's exit.
+        for round in 0..5 {
+            let mut child = busy_child();
+            std::thread::sleep(Duration::from_millis(200));
+            let path = cgroup_holding(&format!("killed{round}"), child.id());
+            child.kill().unwrap();
+            let errors = remove(&path, REMOVE_WAIT);
+            let _ = child.wait();
+            if !errors.is_empty() {
+                remove(&path, REMOVE_WAIT);
+                panic!("round {round}: {errors:?}");
+            }
+            for h in detect().unwrap() {
+                assert!(!h.mount.join(path.relative()).exists());
+            }
+        }
+    }
+
+    #[test]
+    fn a_cgroup_with_a_live_process_is_left_with_an_error_naming_it() {
+        if !is_root() {
+            return eprintln!("skipped: cgroups need root");
+        }
+        let mut child = busy_child();
+        let path = cgroup_holding("live", child.id());
+        let errors = remove(&path, Duration::from_millis(100));
+        let pid = child.id().to_string();
+        let exists: Vec<bool> = detect()
+            .unwrap()
+            .iter()
+            .map(|h| h.mount.join(path.relative()).exists())
+            .collect();
+        child.kill().unwrap();
+        let _ = child.wait();
+        let cleaned = remove(&path, REMOVE_WAIT);
+        assert!(!errors.is_empty());
+        for e in &errors {
+            let text = format!("{e:#}");
+            assert!(text.contains(&pid), "{text}");
+        }
+        assert!(exists.iter().all(|e| *e), "a busy cgroup was removed");
+        assert!(cleaned.is_empty(), "{cleaned:?}");
     }
 }
