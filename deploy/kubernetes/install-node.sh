@@ -9,10 +9,12 @@
 # and the artifacts in the image under $ARTIFACTS (default
 # /opt/ember-artifacts):
 #   bin/containerd-shim-ember-v2  bin/ember  vmlinux  initrd.img
-#   config.toml  ember-runtime.toml
+#   config.toml  register.sh  ember-v2.toml  ember-v3.toml  ember-v4.toml
+#   (deploy/containerd/)
 #
-#   install-node.sh install   copy the artifacts to the host, add the `ember`
-#                             runtime to containerd's config, restart
+#   install-node.sh install   copy the artifacts to the host, register the
+#                             `ember` runtime for the node's containerd
+#                             version (register.sh --node), restart
 #                             containerd, label the node; then (as the
 #                             DaemonSet's main process) wait, and clean up
 #                             on SIGTERM
@@ -23,8 +25,9 @@
 # Environment: NODE_NAME (downward API; for the node label), ARTIFACTS,
 # HOST (prefix of the host mounts, default /host), EMBER_LABEL (default
 # ember.io/runtime), CONTAINERD_CONFIG (host path, default
-# /etc/containerd/config.toml), EMBER_INSTALL_ONLY=1 (install, then exit
-# instead of waiting).
+# /etc/containerd/config.toml), CONTAINERD_BIN (how to run the node's
+# containerd, default: `containerd` in the host's namespaces through
+# nsenter), EMBER_INSTALL_ONLY=1 (install, then exit instead of waiting).
 set -euo pipefail
 
 ARTIFACTS="${ARTIFACTS:-/opt/ember-artifacts}"
@@ -32,8 +35,6 @@ HOST="${HOST:-/host}"
 EMBER_LABEL="${EMBER_LABEL:-ember.io/runtime}"
 CONTAINERD_CONFIG="${CONTAINERD_CONFIG:-/etc/containerd/config.toml}"
 CFG="${HOST}${CONTAINERD_CONFIG}"
-BEGIN_MARK="# BEGIN ember runtime (managed by ember-deploy; do not edit)"
-END_MARK="# END ember runtime"
 SHIM=containerd-shim-ember-v2
 
 log() { printf 'ember-deploy: %s\n' "$*" >&2; }
@@ -57,77 +58,22 @@ install_file() {
     mv -f "$tmp" "$dst"
 }
 
-# The containerd config's schema version: 2, 3, or 1 when absent (a
-# version-1 file, or an empty one).
-config_version() {
-    local v
-    v="$(sed -n 's/^[[:space:]]*version[[:space:]]*=[[:space:]]*\([0-9]\+\).*/\1/p' "$CFG" 2>/dev/null | head -n1)"
-    echo "${v:-1}"
+# Registers (or, with --unregister, removes) the `ember` runtime in the
+# node's containerd config, for the node's containerd version (1.6/1.7:
+# the root config between marker lines; 2.x: a drop-in conf.d/ember.toml of
+# the root config's version, imported by it), with the same script as
+# deploy/install.sh. Returns 0 when containerd must reread its config.
+register() {
+    local out
+    out="$(HOST_ROOT="$HOST" CONTAINERD_CONFIG="$CONTAINERD_CONFIG" \
+        CONTAINERD_BIN="${CONTAINERD_BIN:-nsenter --target 1 --mount --uts --ipc --net --pid -- containerd}" \
+        "$ARTIFACTS/register.sh" --node "$@")" || die "registering Ember with containerd failed (see above)"
+    [ "$out" = changed ]
 }
 
-# The runtime snippet for this config version. ember-runtime.toml is
-# written for version 2; version 3 (containerd 2.x) moved the CRI runtime
-# tables to io.containerd.cri.v1.runtime (deploy/containerd/ember-v3.toml).
-runtime_snippet() {
-    case "$1" in
-    2) cat "$ARTIFACTS/ember-runtime.toml" ;;
-    # Version 4 (containerd 2.3's default) moved only the server sections.
-    3 | 4) sed 's/plugins\."io\.containerd\.grpc\.v1\.cri"\.containerd\.runtimes/plugins."io.containerd.cri.v1.runtime".containerd.runtimes/' \
-        "$ARTIFACTS/ember-runtime.toml" ;;
-    *) die "unsupported containerd config version $1" ;;
-    esac
-}
-
-has_managed_block() { [ -f "$CFG" ] && grep -qF "$BEGIN_MARK" "$CFG"; }
-
-# Removes the block between the markers (if any) from the config.
-remove_block() {
-    has_managed_block || return 0
-    local tmp="$CFG.ember-deploy.$$"
-    awk -v b="$BEGIN_MARK" -v e="$END_MARK" '
-        $0 == b { skip = 1; next }
-        $0 == e { skip = 0; next }
-        !skip' "$CFG" >"$tmp"
-    mv -f "$tmp" "$CFG"
-}
-
-add_runtime_to_config() {
-    mkdir -p "$(dirname "$CFG")"
-    if [ ! -s "$CFG" ]; then
-        # No config: containerd runs on built-in defaults. A file without a
-        # version line would be read as version 1: say the version of the
-        # node's containerd (2 for 1.x, 3 for 2.x).
-        local v=2
-        if on_host containerd --version 2>/dev/null | grep -qE '[[:space:]]v?2\.[0-9]+'; then
-            v=3
-        fi
-        log "no $CONTAINERD_CONFIG on the node; writing a version $v config"
-        printf 'version = %s\n' "$v" >"$CFG"
-    fi
-    local version
-    version="$(config_version)"
-    [ "$version" = 2 ] || [ "$version" = 3 ] || [ "$version" = 4 ] ||
-        die "$CONTAINERD_CONFIG is a version-$version containerd config; Ember's snippet needs version 2, 3 or 4 (migrate it with 'containerd config migrate')"
-    if grep -q 'runtimes\.ember\]' "$CFG" && ! has_managed_block; then
-        log "$CONTAINERD_CONFIG already defines runtimes.ember (not ours): left as is"
-        return 1
-    fi
-    local before after
-    before="$(cksum <"$CFG")"
-    cp "$CFG" "$CFG.ember-deploy.bak"
-    remove_block
-    # The block starts on a line of its own; removing it restores the file.
-    if [ -n "$(tail -c1 "$CFG")" ]; then
-        printf '\n' >>"$CFG"
-    fi
-    {
-        printf '%s\n' "$BEGIN_MARK"
-        runtime_snippet "$version"
-        printf '%s\n' "$END_MARK"
-    } >>"$CFG"
-    after="$(cksum <"$CFG")"
-    # Changed means containerd must reread it.
-    [ "$before" != "$after" ]
+has_registration() {
+    [ -f "$CFG" ] && grep -q '^# BEGIN ember runtime' "$CFG" && return 0
+    [ -f "$(dirname "$CFG")/conf.d/ember.toml" ]
 }
 
 containerd_restart() {
@@ -169,7 +115,8 @@ preflight() {
     [ -d "$HOST/etc/containerd" ] || die "$HOST/etc/containerd is not mounted"
     [ -d "$HOST/usr/local/bin" ] || die "$HOST/usr/local/bin is not mounted"
     local f
-    for f in bin/$SHIM bin/ember vmlinux initrd.img config.toml ember-runtime.toml; do
+    for f in bin/$SHIM bin/ember vmlinux initrd.img config.toml register.sh \
+        ember-v2.toml ember-v3.toml ember-v4.toml; do
         [ -f "$ARTIFACTS/$f" ] || die "image lacks $ARTIFACTS/$f"
     done
 }
@@ -188,7 +135,7 @@ do_install() {
     else
         install_file "$ARTIFACTS/config.toml" "$HOST/etc/ember/config.toml" 0644
     fi
-    if add_runtime_to_config; then
+    if register; then
         containerd_restart
     else
         log "containerd config unchanged: no restart"
@@ -211,8 +158,7 @@ do_cleanup() {
         log "$n Ember shim process(es) still run on this node: binaries and containerd config kept (label removed; drain the node, then run cleanup again)"
         return 0
     fi
-    if has_managed_block; then
-        remove_block
+    if register --unregister; then
         containerd_restart
     fi
     rm -f "$HOST/usr/local/bin/$SHIM" "$HOST/usr/local/bin/ember"
@@ -241,8 +187,8 @@ do_check() {
             missing=1
         fi
     done
-    if has_managed_block; then
-        echo "present ember runtime block in $CONTAINERD_CONFIG"
+    if has_registration; then
+        echo "present ember runtime in $CONTAINERD_CONFIG (or its conf.d/ember.toml)"
     elif [ -f "$CFG" ] && grep -q 'runtimes\.ember\]' "$CFG"; then
         echo "present ember runtime in $CONTAINERD_CONFIG (not managed by ember-deploy)"
     else
