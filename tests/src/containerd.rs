@@ -555,7 +555,7 @@ impl Containerd {
         );
         std::fs::write(
             &config,
-            config_toml_for(
+            config_toml(
                 version,
                 &path,
                 opts.ember_shim.as_deref(),
@@ -904,37 +904,25 @@ impl Drop for Containerd {
     }
 }
 
-/// The containerd config for a harness rooted at `dir`.
-pub fn config_toml(dir: &Path, ember_shim: Option<&Path>) -> String {
-    config_toml_with(dir, ember_shim, None)
-}
-
-/// [`config_toml_with`] in the format of containerd `version`.
-pub fn config_toml_for(
+/// The containerd config for a harness rooted at `dir`, in the format of
+/// containerd `version` (config version 2 for 1.x, 3 for 2.x), with Ember's
+/// runtime when `ember_shim` is given and the CRI plugin's CNI directories
+/// `(conf_dir, bin_dir)` when `cni_dirs` is. The server sections are the
+/// same for both; version 3 split the CRI plugin into
+/// `io.containerd.cri.v1.images` (snapshotter, the pinned sandbox image),
+/// `io.containerd.cri.v1.runtime` (runtimes, CNI, `restrict_oom_score_adj`)
+/// and `io.containerd.grpc.v1.cri` (the streaming server).
+pub fn config_toml(
     version: ContainerdVersion,
     dir: &Path,
     ember_shim: Option<&Path>,
     cni_dirs: Option<(&Path, &Path)>,
 ) -> String {
-    if version.config_version() >= 3 {
-        config_toml_v3(dir, ember_shim, cni_dirs)
-    } else {
-        config_toml_with(dir, ember_shim, cni_dirs)
-    }
-}
-
-/// The containerd 2.x (config version 3) equivalent of [`config_toml_with`]:
-/// the CRI plugin is split into `io.containerd.cri.v1.images` (snapshotter,
-/// the pinned sandbox image), `io.containerd.cri.v1.runtime` (runtimes, CNI,
-/// `restrict_oom_score_adj`) and `io.containerd.grpc.v1.cri` (the server).
-pub fn config_toml_v3(
-    dir: &Path,
-    ember_shim: Option<&Path>,
-    cni_dirs: Option<(&Path, &Path)>,
-) -> String {
     let d = dir.display();
+    let pause = image::PAUSE_IMAGE;
+    let config_version = version.config_version();
     let mut s = format!(
-        r#"version = 3
+        r#"version = {config_version}
 root = "{d}/root"
 state = "{d}/state"
 oom_score = 0
@@ -953,7 +941,12 @@ oom_score = 0
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
-
+"#
+    );
+    // Where CRI's runtimes live, and its CNI key for the plugin directory.
+    let (runtime_plugin, cni_bin_key) = if config_version >= 3 {
+        s.push_str(&format!(
+            r#"
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
@@ -970,65 +963,12 @@ oom_score = 0
 
 [plugins."io.containerd.cri.v1.runtime".containerd]
   default_runtime_name = "runc"
-
-[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-"#,
-        pause = image::PAUSE_IMAGE
-    );
-    if let Some(shim) = ember_shim {
+"#
+        ));
+        ("io.containerd.cri.v1.runtime", "bin_dirs")
+    } else {
         s.push_str(&format!(
             r#"
-[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.ember]
-  runtime_type = "{}"
-"#,
-            shim.display()
-        ));
-    }
-    if let Some((conf_dir, bin_dir)) = cni_dirs {
-        s.push_str(&format!(
-            r#"
-[plugins."io.containerd.cri.v1.runtime".cni]
-  bin_dirs = ["{}"]
-  conf_dir = "{}"
-  max_conf_num = 1
-"#,
-            bin_dir.display(),
-            conf_dir.display()
-        ));
-    }
-    s
-}
-
-/// [`config_toml`], plus the CRI plugin's CNI directories
-/// `(conf_dir, bin_dir)` when given (config version 2: containerd 1.x).
-pub fn config_toml_with(
-    dir: &Path,
-    ember_shim: Option<&Path>,
-    cni_dirs: Option<(&Path, &Path)>,
-) -> String {
-    let d = dir.display();
-    let mut s = format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-oom_score = 0
-
-[grpc]
-  address = "{d}/containerd.sock"
-
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-
-[debug]
-  level = "debug"
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{pause}"
   restrict_oom_score_adj = true
@@ -1039,30 +979,39 @@ oom_score = 0
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
-
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+"#
+        ));
+        ("io.containerd.grpc.v1.cri", "bin_dir")
+    };
+    s.push_str(&format!(
+        r#"
+[plugins."{runtime_plugin}".containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
-"#,
-        pause = image::PAUSE_IMAGE
-    );
+"#
+    ));
     if let Some(shim) = ember_shim {
         s.push_str(&format!(
             r#"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.ember]
+[plugins."{runtime_plugin}".containerd.runtimes.ember]
   runtime_type = "{}"
 "#,
             shim.display()
         ));
     }
     if let Some((conf_dir, bin_dir)) = cni_dirs {
+        // 2.x takes a list of plugin directories.
+        let bin = if config_version >= 3 {
+            format!("[\"{}\"]", bin_dir.display())
+        } else {
+            format!("\"{}\"", bin_dir.display())
+        };
         s.push_str(&format!(
             r#"
-[plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = "{}"
+[plugins."{runtime_plugin}".cni]
+  {cni_bin_key} = {bin}
   conf_dir = "{}"
   max_conf_num = 1
 "#,
-            bin_dir.display(),
             conf_dir.display()
         ));
     }
