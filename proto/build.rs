@@ -1,6 +1,6 @@
 //! Generates the Rust protobuf messages and the async ttrpc client/server
-//! code for `agent.proto` into `$OUT_DIR` with ttrpc-codegen's pure-Rust
-//! parser (no `protoc` needed).
+//! code for `agent.proto`, and the messages of `cri_pod.proto`, into
+//! `$OUT_DIR` with pure-Rust parsers (no `protoc` needed).
 
 use std::{env, fs, path::PathBuf};
 
@@ -31,9 +31,21 @@ fn main() {
         .run()
         .expect("ttrpc-codegen failed for agent.proto");
 
+    // The CRI pod config subset (messages only) that CreateSandbox carries.
+    let cri = manifest_dir.join("cri_pod.proto");
+    println!("cargo:rerun-if-changed={}", cri.display());
+    protobuf_codegen::Codegen::new()
+        .pure()
+        .out_dir(&out_dir)
+        .include(&manifest_dir)
+        .input(&cri)
+        .customize(protobuf_codegen::Customize::default().gen_mod_rs(false))
+        .run()
+        .expect("protobuf codegen failed for cri_pod.proto");
+
     // `include!` cannot take files with inner attributes or inner doc
     // comments (rust-lang/rust#18810): drop those lines.
-    for name in ["agent.rs", "agent_ttrpc.rs"] {
+    for name in ["agent.rs", "agent_ttrpc.rs", "cri_pod.rs"] {
         let path = out_dir.join(name);
         let text = fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("reading generated {}: {e}", path.display()));

@@ -50,6 +50,26 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+/// The part of the CRI `runtime.v1.PodSandboxConfig` Ember reads, as
+/// containerd 2.x's CreateSandbox carries it (`cri_pod.proto`).
+#[allow(
+    unknown_lints,
+    clippy::all,
+    clippy::pedantic,
+    unused_attributes,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    trivial_casts,
+    unused_results,
+    unused_mut
+)]
+pub mod cri_pod {
+    include!(concat!(env!("OUT_DIR"), "/cri_pod.rs"));
+}
+
 pub mod client;
 
 /// The `#[async_trait]` attribute the generated [`agent_ttrpc::Agent`]

@@ -32,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod resources;
 pub mod sandbox;
+pub mod sandbox_service;
 pub mod shim;
 pub mod start;
 pub mod task;

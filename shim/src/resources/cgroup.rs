@@ -409,6 +409,14 @@ fn remove_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// What a pod's VM uses on the host ([`HostCgroup::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_usec: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+}
+
 /// One hierarchy the shim joined.
 #[derive(Debug)]
 struct Joined {
@@ -465,6 +473,31 @@ impl HostCgroup {
 
     pub fn path(&self) -> &CgroupPath {
         &self.path
+    }
+
+    /// What the pod's VM uses on the host, read from the directories
+    /// joined (cgroup v2 or v1 file names); a figure no hierarchy has is 0.
+    pub fn usage(&self) -> Usage {
+        let read = |name: &str| {
+            self.joined
+                .iter()
+                .find_map(|j| std::fs::read_to_string(j.dir.join(name)).ok())
+        };
+        let number = |text: Option<String>| text.and_then(|t| t.trim().parse::<u64>().ok());
+        let cpu_usec = read("cpu.stat")
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+            })
+            .or_else(|| number(read("cpuacct.usage")).map(|ns| ns / 1000))
+            .unwrap_or(0);
+        Usage {
+            cpu_usec,
+            memory_bytes: number(read("memory.current"))
+                .or_else(|| number(read("memory.usage_in_bytes")))
+                .unwrap_or(0),
+            pids: number(read("pids.current")).unwrap_or(0),
+        }
     }
 
     /// Moves this process back where it came from and removes the pod's

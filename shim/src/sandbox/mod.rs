@@ -398,6 +398,18 @@ impl Sandbox {
         self.death.reason()
     }
 
+    /// Tests: declares the VM dead, as its supervisor would.
+    #[cfg(test)]
+    pub(crate) fn declare_dead(&self, reason: &str) {
+        self.death.declare(reason);
+    }
+
+    /// Waits until the VM is unusable (it ended, or its agent is gone) and
+    /// says why; a VM the shim stops itself never gets here.
+    pub async fn wait_dead(&self) -> String {
+        self.death.wait().await
+    }
+
     fn ensure_alive(&self) -> Result<()> {
         match self.death.reason() {
             Some(r) => Err(Error::precondition(format!(
@@ -1117,4 +1129,4 @@ fn unknown_exit() -> Exit {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

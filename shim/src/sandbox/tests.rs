@@ -258,11 +258,11 @@ impl AgentService for MockService {
     }
 }
 
-struct Harness {
+pub(crate) struct Harness {
     _dir: tempfile::TempDir,
     root: std::path::PathBuf,
     agent: Arc<MockAgent>,
-    sandbox: Arc<Sandbox>,
+    pub(crate) sandbox: Arc<Sandbox>,
     events: crate::events::Recorded,
     oom_tx: mpsc::Sender<String>,
     /// Aborting it cuts the shim's connection to the agent.
@@ -272,7 +272,7 @@ struct Harness {
 
 /// Serves the mock agent on a Unix socket and connects the sandbox to it
 /// through a proxy the test can cut.
-async fn harness() -> Option<Harness> {
+pub(crate) async fn harness() -> Option<Harness> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }

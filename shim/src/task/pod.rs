@@ -55,6 +55,9 @@ pub struct Pod {
 #[derive(Default)]
 struct Slot {
     sandbox: Option<Arc<Sandbox>>,
+    /// containerd's Sandbox API holds the VM (CreateSandbox to
+    /// StopSandbox): it stays while no container is in it.
+    held: bool,
     reserved: HashSet<String>,
     /// Reserved ids whose caller gave up (see the module docs).
     abandoned: HashSet<String>,
@@ -234,6 +237,62 @@ impl Pod {
         Ok(sb)
     }
 
+    /// Boots the pod's VM for containerd's Sandbox API (CreateSandbox),
+    /// before any container, and holds it until [`Pod::stop_held`].
+    /// `cgroup_spec` names the pod's host cgroup the way a CRI sandbox
+    /// container's spec would (see [`cgroup::pod_cgroup`]).
+    pub async fn boot_held(
+        &self,
+        setup: SandboxSetup,
+        cgroup_spec: &serde_json::Value,
+    ) -> Result<Arc<Sandbox>> {
+        {
+            let mut slot = self.slot();
+            if slot.held || slot.sandbox.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "sandbox {} already exists",
+                    self.id
+                )));
+            }
+            slot.held = true;
+        }
+        match self.ensure_sandbox(setup, cgroup_spec).await {
+            Ok(sb) => Ok(sb),
+            Err(e) => {
+                self.slot().held = false;
+                self.teardown_if_unused().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the Sandbox API holds the VM.
+    pub fn is_held(&self) -> bool {
+        self.slot().held
+    }
+
+    /// Ends the Sandbox API's hold and tears the VM down, whatever is
+    /// still in it (its tasks then exit with status 255, as on a VM
+    /// death). containerd stops the containers before it stops the sandbox.
+    pub async fn stop_held(&self) {
+        let sb = {
+            let _lifecycle = self.lifecycle.lock().await;
+            let mut slot = self.slot();
+            slot.held = false;
+            slot.sandbox.take()
+        };
+        if let Some(sb) = sb {
+            sb.shutdown().await;
+        }
+        self.leave_host_cgroup().await;
+    }
+
+    /// The figures of the pod's host cgroup (the VM's CPU, memory, pids),
+    /// if the pod has joined one.
+    pub fn host_cgroup_usage(&self) -> Option<cgroup::Usage> {
+        self.host_cgroup().as_ref().map(HostCgroup::usage)
+    }
+
     /// Tears the VM down if no container is in it or being created.
     /// Returns whether the pod is now empty (no VM left).
     pub async fn teardown_if_unused(&self) -> bool {
@@ -249,7 +308,7 @@ impl Pod {
                 return false;
             }
             match &slot.sandbox {
-                Some(sb) if sb.container_count() > 0 => return false,
+                Some(sb) if sb.container_count() > 0 || slot.held => return false,
                 _ => slot.sandbox.take(),
             }
         };

@@ -1,0 +1,363 @@
+//! The Sandbox API's lifecycle against a pod whose VM is a stand-in: the
+//! sandbox harness's `Sandbox` (a mock agent over a Unix socket, no KVM),
+//! handed out by a fake launcher. What containerd's `shim` sandbox
+//! controller relies on: NOT_FOUND for ids the shim does not know, one
+//! create, the VM held while no container is in it, Wait returning when
+//! the sandbox ends (0 when stopped, 255 when the VM died), Shutdown
+//! ending the shim.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::{ExitSignal, TtrpcContext};
+use containerd_shim_protos::sandbox_api::*;
+use containerd_shim_protos::sandbox_async::Sandbox as _;
+
+use super::SandboxService;
+use crate::config::Config;
+use crate::events::EventSink;
+use crate::sandbox::tests::harness;
+use crate::task::pod::Pod;
+
+fn ctx() -> TtrpcContext {
+    TtrpcContext {
+        mh: Default::default(),
+        metadata: Default::default(),
+        timeout_nano: 0,
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> ttrpc::Code {
+    match r.unwrap_err() {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        e => panic!("not a status: {e:?}"),
+    }
+}
+
+/// A service over a pod whose launcher hands out `sandbox`, and the
+/// pod's exit signal.
+fn service(sandbox: Arc<crate::sandbox::Sandbox>) -> (SandboxService, Arc<Pod>, Arc<ExitSignal>) {
+    let exit = Arc::new(ExitSignal::default());
+    let pod = Arc::new(Pod::with_launcher(
+        "k8s.io",
+        "sb1",
+        Arc::new(Config::default()),
+        EventSink::disabled(),
+        exit.clone(),
+        Box::new(move |_, _, _| {
+            let sandbox = sandbox.clone();
+            Box::pin(async move { Ok(sandbox) })
+        }),
+    ));
+    (SandboxService::new(pod.clone(), exit.clone()), pod, exit)
+}
+
+fn create_request() -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        sandbox_id: "sb1".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn calls_for_unknown_sandboxes_are_not_found() {
+    let Some(h) = harness().await else { return };
+    let (s, _, _) = service(h.sandbox.clone());
+    let c = ctx();
+    let id = || "sb1".to_string();
+    assert_eq!(
+        code(
+            s.start_sandbox(
+                &c,
+                StartSandboxRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            s.sandbox_status(
+                &c,
+                SandboxStatusRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            s.wait_sandbox(
+                &c,
+                WaitSandboxRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            s.stop_sandbox(
+                &c,
+                StopSandboxRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            s.ping_sandbox(
+                &c,
+                PingRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            s.platform(
+                &c,
+                PlatformRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            s.sandbox_metrics(
+                &c,
+                SandboxMetricsRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            s.shutdown_sandbox(
+                &c,
+                ShutdownSandboxRequest {
+                    sandbox_id: id(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    // Another pod's id, after this one exists.
+    s.create_sandbox(&c, create_request()).await.unwrap();
+    let other = SandboxStatusRequest {
+        sandbox_id: "other".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(s.sandbox_status(&c, other).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    let wrong_shim = CreateSandboxRequest {
+        sandbox_id: "other".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(s.create_sandbox(&c, wrong_shim).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+}
+
+#[tokio::test]
+async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_shim() {
+    let Some(h) = harness().await else { return };
+    let (s, pod, exit) = service(h.sandbox.clone());
+    let c = ctx();
+    s.create_sandbox(&c, create_request()).await.unwrap();
+    assert_eq!(
+        code(s.create_sandbox(&c, create_request()).await),
+        ttrpc::Code::ALREADY_EXISTS
+    );
+    let started = s
+        .start_sandbox(
+            &c,
+            StartSandboxRequest {
+                sandbox_id: "sb1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(started.pid, std::process::id());
+    let status = s
+        .sandbox_status(
+            &c,
+            SandboxStatusRequest {
+                sandbox_id: "sb1".into(),
+                verbose: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.state, "SANDBOX_READY");
+    assert_eq!(status.created_at, started.created_at);
+    assert!(status.info.contains_key("runtime"));
+    let platform = s
+        .platform(
+            &c,
+            PlatformRequest {
+                sandbox_id: "sb1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(platform.platform.os, "linux");
+
+    // The task service's Shutdown after a container's delete: the VM is
+    // held by the sandbox, so neither it nor the shim goes.
+    assert!(!pod.teardown_if_unused().await);
+    assert!(pod.sandbox().is_some());
+
+    let waiter = {
+        let s = Arc::new(s);
+        let w = s.clone();
+        let handle = tokio::spawn(async move {
+            w.wait_sandbox(
+                &ctx(),
+                WaitSandboxRequest {
+                    sandbox_id: "sb1".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !handle.is_finished(),
+            "Wait returned while the sandbox runs"
+        );
+        s.stop_sandbox(
+            &c,
+            StopSandboxRequest {
+                sandbox_id: "sb1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(10), handle)
+            .await
+            .expect("Wait returns once the sandbox stopped")
+            .unwrap()
+            .unwrap();
+        assert_eq!(waited.exit_status, 0);
+        assert!(pod.sandbox().is_none(), "StopSandbox tore the VM down");
+        let status = s
+            .sandbox_status(
+                &c,
+                SandboxStatusRequest {
+                    sandbox_id: "sb1".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(status.state, "SANDBOX_NOTREADY");
+        assert!(status.exited_at.is_some());
+        assert_eq!(
+            code(
+                s.ping_sandbox(
+                    &c,
+                    PingRequest {
+                        sandbox_id: "sb1".into(),
+                        ..Default::default()
+                    }
+                )
+                .await
+            ),
+            ttrpc::Code::UNAVAILABLE
+        );
+        s
+    };
+    // Stop again is fine (containerd retries); Shutdown ends the shim.
+    waiter
+        .stop_sandbox(
+            &c,
+            StopSandboxRequest {
+                sandbox_id: "sb1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    waiter
+        .shutdown_sandbox(
+            &c,
+            ShutdownSandboxRequest {
+                sandbox_id: "sb1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), exit.wait())
+        .await
+        .expect("ShutdownSandbox ends the shim");
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_ends_the_sandbox_with_status_255() {
+    let Some(h) = harness().await else { return };
+    let (s, _, _) = service(h.sandbox.clone());
+    let c = ctx();
+    s.create_sandbox(&c, create_request()).await.unwrap();
+    h.sandbox.declare_dead("test: the guest panicked");
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.wait_sandbox(
+            &c,
+            WaitSandboxRequest {
+                sandbox_id: "sb1".into(),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("Wait returns when the VM dies")
+    .unwrap();
+    assert_eq!(waited.exit_status, 255);
+    let status = s
+        .sandbox_status(
+            &c,
+            SandboxStatusRequest {
+                sandbox_id: "sb1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.state, "SANDBOX_NOTREADY");
+}
