@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod resources;
 pub mod sandbox;
 pub mod sandbox_service;
+pub mod serve;
 pub mod shim;
 pub mod start;
 pub mod task;

@@ -26,6 +26,19 @@ fn main() {
         if let Some(code) = ember_shim::start::intercept().await {
             std::process::exit(code);
         }
+        // The serving shim (no action): Ember's server, with the Sandbox
+        // API next to the task service. `delete`: containerd-shim's.
+        let args: Vec<_> = std::env::args_os().collect();
+        if let Ok(flags) = containerd_shim::parse(&args[1..]) {
+            if flags.action.is_empty() && !flags.socket.is_empty() && !flags.version && !flags.info
+            {
+                if let Err(e) = ember_shim::serve::serve(ember_shim::RUNTIME_ID, flags).await {
+                    eprintln!("{}: {e:#}", ember_shim::RUNTIME_ID);
+                    std::process::exit(1);
+                }
+                return;
+            }
+        }
         containerd_shim::asynchronous::run::<EmberShim>(
             ember_shim::RUNTIME_ID,
             Some(shim_config()),

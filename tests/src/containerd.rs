@@ -904,6 +904,10 @@ impl Drop for Containerd {
     }
 }
 
+/// The CRI runtime handler (containerd 2.x only) registered with
+/// `sandboxer = "shim"`: Ember's shim serves containerd's Sandbox API.
+pub const EMBER_SANDBOX_API_HANDLER: &str = "ember-sandbox-api";
+
 /// The containerd config for a harness rooted at `dir`, in the format of
 /// containerd `version` (config version 2 for 1.x, 3 for 2.x), with Ember's
 /// runtime when `ember_shim` is given and the CRI plugin's CNI directories
@@ -997,6 +1001,18 @@ oom_score = 0
 "#,
             shim.display()
         ));
+        // containerd 2.x: a second handler whose pods are Sandbox API
+        // sandboxes (the shim is the sandbox controller; no pause container).
+        if config_version >= 3 {
+            s.push_str(&format!(
+                r#"
+[plugins."{runtime_plugin}".containerd.runtimes.{EMBER_SANDBOX_API_HANDLER}]
+  runtime_type = "{}"
+  sandboxer = "shim"
+"#,
+                shim.display()
+            ));
+        }
     }
     if let Some((conf_dir, bin_dir)) = cni_dirs {
         // 2.x takes a list of plugin directories.

@@ -56,6 +56,16 @@ impl TaskService {
             exit,
         }
     }
+
+    /// The pod this service serves, shared with the Sandbox API service.
+    pub fn pod(&self) -> Arc<Pod> {
+        self.pod.clone()
+    }
+
+    /// The signal that ends the shim.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
 }
 
 /// Reads a bundle's `config.json`.
