@@ -106,6 +106,10 @@ fn options(mount: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// The guest's init (the agent): whose IPC and UTS namespaces containers
+/// join when the VM itself is the sandbox (containerd's Sandbox API).
+pub const GUEST_INIT_PID: u32 = 1;
+
 /// The file under /proc/<pid>/ns/ of an OCI namespace type.
 fn ns_file(typ: &str) -> Option<&'static str> {
     Some(match typ {
@@ -213,6 +217,16 @@ pub fn rewrite(
                 let file = ns_file(&typ).ok_or_else(|| {
                     Error::invalid(format!("unknown namespace type {typ:?} with path {path}"))
                 })?;
+                if sandbox_pid == Some(GUEST_INIT_PID) && typ == "pid" {
+                    // The guest's init is the agent: a pod sharing its
+                    // process namespace gets one of its own, not the agent's.
+                    tracing::info!(container = %container_id, "pid namespace: the container's own (the VM is the sandbox; its init is the agent)");
+                    if let Some(o) = ns.as_object_mut() {
+                        o.remove("path");
+                    }
+                    kept.push(ns);
+                    continue;
+                }
                 let guest_path = match sandbox_pid {
                     Some(pid) => format!("/proc/{pid}/ns/{file}"),
                     None if is_proc_ns_path(&path) => path,
@@ -344,6 +358,27 @@ mod tests {
         s["linux"]["namespaces"] = json!([{"type": "ipc", "path": "/run/ipcns/x"}]);
         let e = rewrite(&s, "c1", Path::new("/b"), &share(), None).unwrap_err();
         assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn when_the_vm_is_the_sandbox_containers_join_the_guests_namespaces_but_not_its_init() {
+        // containerd's Sandbox API: paths name the shim's pid on the host.
+        let mut s = spec();
+        s["linux"]["namespaces"] = json!([
+            {"type": "pid", "path": "/proc/31342/ns/pid"},
+            {"type": "ipc", "path": "/proc/31342/ns/ipc"},
+            {"type": "uts", "path": "/proc/31342/ns/uts"},
+            {"type": "network", "path": "/var/run/netns/cni-1"}
+        ]);
+        let g = rewrite(&s, "c1", Path::new("/b"), &share(), Some(GUEST_INIT_PID)).unwrap();
+        assert_eq!(
+            g.spec["linux"]["namespaces"],
+            json!([
+                {"type": "pid"},
+                {"type": "ipc", "path": "/proc/1/ns/ipc"},
+                {"type": "uts", "path": "/proc/1/ns/uts"}
+            ])
+        );
     }
 
     #[test]

@@ -463,13 +463,20 @@ impl Sandbox {
         }
         let id = new.id.clone();
         let ann = annotations::of_spec(&new.spec);
-        // A CRI container joins its sandbox container's namespaces.
-        let sandbox_pid = ann
+        // A CRI container joins its sandbox container's namespaces; under
+        // containerd's Sandbox API there is no sandbox container: the VM is
+        // the sandbox, and its namespaces are the guest's own.
+        let sandbox_pid = match ann
             .get(annotations::CRI_SANDBOX_ID)
             .filter(|sid| **sid != id)
-            .and_then(|sid| self.container(sid).ok())
-            .map(|c| c.init.pid())
-            .filter(|pid| *pid != 0);
+        {
+            Some(sid) => match self.container(sid) {
+                Ok(c) => Some(c.init.pid()).filter(|pid| *pid != 0),
+                Err(_) if *sid == self.id => Some(ocispec::GUEST_INIT_PID),
+                Err(_) => None,
+            },
+            None => None,
+        };
         let guest = ocispec::rewrite(&new.spec, &id, &new.bundle, &self.share, sandbox_pid)?;
         let rootfs_dir = rootfs::bundle_rootfs(&new.bundle, new.spec["root"]["path"].as_str());
 
