@@ -92,6 +92,10 @@ pub struct SandboxSetup {
     /// The pod's network namespace set up by CNI (the sandbox spec's
     /// network namespace path); none: the VM gets no network interface.
     pub netns: Option<PathBuf>,
+    /// The guest's hostname (the CRI pod's, under the Sandbox API, where
+    /// no pause container has a UTS namespace of its own); none: derived
+    /// from the pod id.
+    pub hostname: Option<String>,
 }
 
 /// A container to create.
@@ -271,7 +275,10 @@ impl Sandbox {
             state = %paths.state_dir.display(),
             "booting the pod's VM"
         );
-        let hostname = boot::pod_hostname(&setup.id);
+        let hostname = setup
+            .hostname
+            .clone()
+            .unwrap_or_else(|| boot::pod_hostname(&setup.id));
         let booted = match template::boot_or_restore(&config, vm_config, &hostname).await {
             Ok(launched) => {
                 tracing::info!(pod = %setup.id, "pod VM ready: {}", launched.report);

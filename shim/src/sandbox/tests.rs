@@ -610,6 +610,7 @@ fn vm_config_of_a_pod() {
         },
         kernel_params: Some("loglevel=3".into()),
         netns: None,
+        hostname: None,
     };
     let vm = vm_config(&config, &paths, &setup);
     assert_eq!((vm.vcpus, vm.mem_mib), (2, 512));
@@ -666,6 +667,7 @@ async fn a_create_abandoned_during_the_boot_is_undone_and_the_shim_exits() {
         },
         kernel_params: None,
         netns: None,
+        hostname: None,
     };
     let (p, new) = (pod.clone(), h.bundle("c1", &["sleep", "1000"]));
     let create = tokio::spawn(async move { p.create(new, setup).await });

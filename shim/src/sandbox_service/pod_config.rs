@@ -106,6 +106,7 @@ pub fn from_create_request(
         netns: Some(req.netns_path.as_str())
             .filter(|p| !p.is_empty())
             .map(PathBuf::from),
+        hostname: checked_hostname(&cri.hostname)?,
     };
     let parent = linux.map(|l| l.cgroup_parent.as_str()).unwrap_or_default();
     let metadata = cri.metadata.as_ref();
@@ -125,6 +126,25 @@ pub fn from_create_request(
         annotations: ann,
         setup,
     })
+}
+
+/// The pod's hostname as the guest's: what kubelet sends (an RFC 1123
+/// name), checked here since the guest kernel is handed it as is.
+fn checked_hostname(name: &str) -> Result<Option<String>> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.']);
+    if !ok {
+        return Err(Error::invalid(format!(
+            "pod hostname {name:?} is not a valid host name (at most 64 letters, digits, '-' and '.')"
+        )));
+    }
+    Ok(Some(name.to_string()))
 }
 
 /// The cgroup part of the spec containerd's podsandbox controller gives a
@@ -228,6 +248,15 @@ mod tests {
             (r.pod_name.as_str(), r.hostname.as_str()),
             ("prod/web", "web-1")
         );
+        assert_eq!(
+            r.setup.hostname.as_deref(),
+            Some("web-1"),
+            "the guest's hostname"
+        );
+        let mut bad = pod(NamespaceMode::POD, NamespaceMode::CONTAINER);
+        bad.hostname = "a;reboot".into();
+        let e = from_create_request(&request(&bad), "k8s.io", &config).unwrap_err();
+        assert!(e.to_string().contains("not a valid host name"), "{e}");
         assert_eq!(r.ports, [8080]);
     }
 

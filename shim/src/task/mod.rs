@@ -147,6 +147,7 @@ impl TaskService {
             size,
             kernel_params: overrides.kernel_params,
             netns: network::netns_of_spec(&spec),
+            hostname: None,
         };
         let new = NewContainer {
             id: req.id.clone(),

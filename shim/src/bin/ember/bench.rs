@@ -114,6 +114,7 @@ async fn bench_one(config: &Config, size: VmSize, i: u32) -> Result<Duration> {
         size,
         kernel_params: None,
         netns: None,
+        hostname: None,
     };
     let vm_cfg = vm_config(config, &paths, &setup);
     let result = bench_boot_and_stop(config, vm_cfg, i).await;
@@ -188,6 +189,7 @@ async fn bench_pod(config: &Config, size: VmSize, name: &str) -> Result<BenchPod
         size,
         kernel_params: None,
         netns: None,
+        hostname: None,
     };
     let vm_cfg = vm_config(config, &paths, &setup);
     let launched = template::boot_or_restore(config, vm_cfg, name).await;

@@ -51,6 +51,7 @@ fn default_identity(config: &Config) -> Result<String> {
         },
         kernel_params: None,
         netns: None,
+        hostname: None,
     };
     Ok(TemplateStore::identity(&vm_config(config, &paths, &setup))?)
 }
