@@ -2,8 +2,7 @@
 //! containerd 2.x), through real CRI calls: the pod's VM is the sandbox.
 //! RunPodSandbox reaches the shim's CreateSandbox/StartSandbox (no pause
 //! container anywhere), containers join the VM, the VM outlives its last
-//! container until StopPodSandbox, RemovePodSandbox ends the shim, and a
-//! host-network pod is refused before anything boots.
+//! container until StopPodSandbox, and RemovePodSandbox ends the shim.
 //!
 //! Needs containerd 2.x: run with `EMBER_CONTAINERD=<containerd 2.x>`
 //! (`deploy/test.sh` runs it against Debian's 2.1.9 from
@@ -202,29 +201,10 @@ fn cases(ctrd: &Containerd, cri: &Cri, cni: &CniNetwork) -> Result<()> {
     );
     println!("[cri_sandbox_api] stopped and removed: shim gone");
 
-    // A host-network pod is refused before anything boots.
-    let hostnet = pod_config(
-        "hostnet",
-        "e2e",
-        &format!("{uid}-h"),
-        &log_dir,
-        PodNetwork::Node,
-    );
-    let err = cri
-        .run_pod_timeout(&hostnet, EMBER_SANDBOX_API_HANDLER, WAIT)
-        .expect_err("a host-network pod ran");
-    ensure!(
-        format!("{err:#}").contains("host-network pods are not supported"),
-        "unclear refusal: {err:#}"
-    );
-    wait_until(
-        "no shim for the refused pod",
-        Duration::from_secs(30),
-        || {
-            ctrd.shim_processes()
-                .iter()
-                .all(|(_, cmd)| !cmd.contains("containerd-shim-ember-v2") || cmd.contains(" start"))
-        },
-    )?;
+    // A host-network pod is not tried here: containerd 2.1.9 itself
+    // crashes on one under `sandboxer = "shim"` (a nil pointer in
+    // `NewBundle`, before it calls any shim; seen with this test). Ember's
+    // refusal of host network and host PID at CreateSandbox is unit-tested
+    // in `shim/src/sandbox_service/pod_config.rs`.
     Ok(())
 }
