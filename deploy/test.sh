@@ -15,18 +15,18 @@ deploy/build-initrd.sh
 export EMBER_KERNEL="${EMBER_KERNEL:-/var/lib/ember/vmlinux}"
 export EMBER_INITRD="${EMBER_INITRD:-/var/lib/ember/initrd.img}"
 # containerd 2.x (README "containerd versions"): deploy/containerd2.sh
-# fetches Debian's containerd 2.1.9 once into /var/cache/ember; the harness
-# is proven against it with runc here. The Ember end-to-end tests against it
-# (ctr_ember, ctr_templates, cri_ember) are not green yet (issue 10) and run
-# only with EMBER_CONTAINERD2_E2E=1. The whole workspace below runs against
-# the system's containerd (Debian 12: 1.6.20). EMBER_SKIP_CONTAINERD2=1
-# skips this part.
+# fetches Debian's containerd 2.1.9 once into /var/cache/ember. Against it:
+# the harness with runc, the Sandbox API (cri_sandbox_api: 2.x only), and
+# the CRI suite (cri_ember); ctr_ember and ctr_templates against 2.1.9 too
+# with EMBER_CONTAINERD2_E2E=1 (CI time). The whole workspace below runs
+# against the system's containerd (Debian 12: 1.6.20).
+# EMBER_SKIP_CONTAINERD2=1 skips this part.
 if [ "${EMBER_SKIP_CONTAINERD2:-0}" != 1 ]; then
     containerd2="$(deploy/containerd2.sh)"
     echo "test.sh: end-to-end tests against $("$containerd2" --version)"
-    targets=(--test ctr_harness_runc)
+    targets=(--test ctr_harness_runc --test cri_sandbox_api --test cri_ember)
     if [ "${EMBER_CONTAINERD2_E2E:-0}" = 1 ]; then
-        targets+=(--test ctr_ember --test ctr_templates --test cri_ember)
+        targets+=(--test ctr_ember --test ctr_templates)
     fi
     EMBER_CONTAINERD="$containerd2" cargo test -p ember-e2e "${targets[@]}" \
         -- --test-threads=2 "$@"
