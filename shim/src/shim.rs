@@ -113,6 +113,20 @@ pub fn confine_if_serving() {
     let max_open_files = Config::load()
         .map(|(c, _)| c.max_open_files)
         .unwrap_or_else(|_| Config::default().max_open_files);
+    // Forked while the process is single-threaded and unconfined: the
+    // confined shim cannot exec hooks itself.
+    if let Err(e) = crate::resources::hooks::runner::start() {
+        let line = format!("ember: cannot start the hook runner of pod {pod}, not serving: {e}\n");
+        // SAFETY: write(2) of a live buffer to an fd we hold.
+        unsafe {
+            libc::write(
+                confine::sigsys::report_fd(),
+                line.as_ptr().cast(),
+                line.len(),
+            )
+        };
+        std::process::exit(1);
+    }
     if let Err(e) = confine::process(confine::ProcessLimits { max_open_files }) {
         let line = format!("ember: cannot confine the shim of pod {pod}, not serving: {e}\n");
         // SAFETY: write(2) of a live buffer to an fd we hold.

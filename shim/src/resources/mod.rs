@@ -6,9 +6,11 @@
 //! - [`rootfs`]: a container's rootfs and volumes into the virtio-fs share;
 //! - [`spec`]: the OCI spec from host terms into guest terms;
 //! - [`sizing`]: vCPUs and memory of the pod's VM;
-//! - [`network`]: the pod's CNI network namespace wired to the VM (tc redirect).
+//! - [`network`]: the pod's CNI network namespace wired to the VM (tc redirect);
+//! - [`hooks`]: the spec's OCI hooks, run on the host.
 
 pub mod cgroup;
+pub mod hooks;
 pub mod mount;
 pub mod network;
 pub mod rootfs;

@@ -17,7 +17,7 @@
 //!   On the host the whole VM is one unit in the pod's cgroup, taken from
 //!   the sandbox's spec by [`crate::resources::cgroup`];
 //! - `hooks` are removed: they name host binaries, which do not exist in
-//!   the guest.
+//!   the guest; the shim runs them on the host ([`crate::resources::hooks`]).
 //!
 //! The spec is handled as JSON, not as a typed struct, so that every field
 //! this code does not touch reaches the agent exactly as containerd wrote

@@ -201,9 +201,11 @@ impl TaskService {
                 .await
                 .map_err(|e| Error::Internal(anyhow::anyhow!("delete task failed: {e}")))??;
             // The last container of the pod takes the VM with it; the
-            // shim itself exits at containerd's Shutdown call.
-            if sb.container_count() == 0 {
-                self.pod.teardown_if_unused().await;
+            // shim itself exits at containerd's Shutdown call. Its
+            // poststop hooks run after the VM is gone.
+            let vm_gone = sb.container_count() == 0 && self.pod.teardown_if_unused().await;
+            if !vm_gone {
+                self.pod.hooks.poststop(&req.id).await;
             }
             r
         } else {
@@ -307,6 +309,9 @@ impl Task for TaskService {
             let pid = tokio::spawn(async move { sb.start(&id, &exec_id).await })
                 .await
                 .map_err(|e| Error::Internal(anyhow::anyhow!("start task failed: {e}")))??;
+            if req.exec_id.is_empty() {
+                self.pod.hooks.poststart(&req.id).await;
+            }
             Ok(StartResponse {
                 pid,
                 ..Default::default()

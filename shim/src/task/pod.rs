@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::EventSink;
 use crate::resources::cgroup::{self, HostCgroup};
+use crate::resources::hooks::PodHooks;
 use crate::sandbox::container::Container;
 use crate::sandbox::{NewContainer, Sandbox, SandboxSetup};
 use containerd_shim::ExitSignal;
@@ -50,6 +51,8 @@ pub struct Pod {
     /// stand-in launcher); the cgroup joined while a VM runs.
     place_in_cgroup: bool,
     host_cgroup: Mutex<Option<HostCgroup>>,
+    /// The containers' OCI hooks, run on the host.
+    pub hooks: PodHooks,
 }
 
 #[derive(Default)]
@@ -112,6 +115,7 @@ impl Pod {
             launch,
             place_in_cgroup: false,
             host_cgroup: Mutex::new(None),
+            hooks: PodHooks::default(),
         }
     }
 
@@ -191,11 +195,20 @@ impl Pod {
     pub async fn create(
         &self,
         new: NewContainer,
-        setup: SandboxSetup,
+        mut setup: SandboxSetup,
     ) -> Result<(Arc<Sandbox>, Arc<Container>)> {
         let id = new.id.clone();
         let reservation = self.reserve(&id)?;
         let result = async {
+            // A namespace the hooks configured is the pod's network if the
+            // spec names none (nerdctl's createRuntime hook runs CNI).
+            let hook_netns = self
+                .hooks
+                .before_create(&id, &new.bundle, &new.spec, setup.netns.as_deref())
+                .await?;
+            if setup.netns.is_none() {
+                setup.netns = hook_netns;
+            }
             let sb = self.ensure_sandbox(setup, &new.spec).await?;
             if self.is_abandoned(&id) {
                 return Err(Self::abandoned_error(&id));
@@ -214,6 +227,9 @@ impl Pod {
         drop(reservation);
         if result.is_err() {
             let empty = self.teardown_if_unused().await;
+            if !empty {
+                self.hooks.poststop(&id).await;
+            }
             if abandoned && empty {
                 tracing::info!(container = %id, "abandoned create undone; nothing left, the shim exits");
                 self.exit.signal();
@@ -316,6 +332,7 @@ impl Pod {
             sb.shutdown().await;
         }
         self.leave_host_cgroup().await;
+        self.hooks.vm_gone().await;
         true
     }
 
