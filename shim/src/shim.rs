@@ -64,6 +64,8 @@ pub fn shim_config() -> ShimConfig {
 /// reported on containerd's log fifo (the serving shim's stderr is
 /// /dev/null); a shim that cannot be confined does not serve.
 pub fn confine_if_serving() {
+    // The hook runner this binary also is (see its docs) never returns.
+    crate::resources::hooks::runner::serve_if_runner();
     let args: Vec<_> = std::env::args_os().collect();
     let Ok(flags) = containerd_shim::parse(args.get(1..).unwrap_or_default()) else {
         // containerd_shim reports bad arguments itself.

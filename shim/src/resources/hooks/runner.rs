@@ -2,9 +2,10 @@
 //!
 //! The serving shim's threads are confined before its runtime starts, and
 //! their seccomp filter denies execve (`ember_vmm::confine`); a filter
-//! cannot be lifted and a child inherits it. So [`start`] forks this
-//! process first, while the shim is still single-threaded and unconfined.
-//! It never touches a guest: it waits on a socket pair for a
+//! cannot be lifted and a child inherits it. So [`start`] forks and execs
+//! this process first (the shim binary again, as `ember-hook-runner`,
+//! [`serve_if_runner`]), while the shim is still single-threaded and
+//! unconfined. It never touches a guest: it waits on a socket pair for a
 //! [`RunRequest`], runs that phase's hooks ([`phase::run`]) and answers
 //! with the failures. It dies with the shim (`PR_SET_PDEATHSIG`).
 //!
@@ -29,7 +30,32 @@ const MAX_REQUEST: usize = 64 << 10;
 /// The largest answer (failures carry bounded hook output).
 const MAX_REPLY: usize = 256 << 10;
 
+/// The runner's `argv[0]` (and so its name in `ps`).
+const RUNNER_ARGV0: &str = "ember-hook-runner";
+/// Where the runner finds the socket pair's end.
+const RUNNER_FD: RawFd = 3;
+/// The directory of the shim's bundles, for the runner.
+const BUNDLE_ROOT_ENV: &str = "EMBER_HOOK_RUNNER_BUNDLES";
+
 static RUNNER: OnceLock<Mutex<OwnedFd>> = OnceLock::new();
+
+/// In the runner process: serves until the shim goes, never returns. In
+/// any other: returns at once. Call it first thing in `main`.
+pub fn serve_if_runner() {
+    let is_runner = std::env::args_os().next().is_some_and(|a| a == RUNNER_ARGV0);
+    if !is_runner {
+        return;
+    }
+    let root = std::env::var_os(BUNDLE_ROOT_ENV)
+        .filter(|r| !r.is_empty())
+        .map(PathBuf::from);
+    // SAFETY: the descriptor the shim left at RUNNER_FD before exec is
+    // this process' only owner of it.
+    let sock = unsafe { OwnedFd::from_raw_fd(RUNNER_FD) };
+    // SAFETY: getppid(2) has no preconditions.
+    let shim = unsafe { libc::getppid() };
+    serve_in_child(sock, shim, root)
+}
 
 /// Forks the hook runner. Call it while the process has one thread and
 /// before it is confined; at most once.
@@ -41,7 +67,18 @@ pub fn start() -> io::Result<()> {
     // every bundle of this shim is a sibling.
     let bundle_root = std::env::current_dir()
         .ok()
-        .and_then(|d| d.parent().map(Path::to_path_buf));
+        .and_then(|d| d.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    // Everything the child needs, made before the fork.
+    let exe = c"/proc/self/exe";
+    let argv0 = std::ffi::CString::new(RUNNER_ARGV0).map_err(io::Error::other)?;
+    let argv = [argv0.as_ptr(), std::ptr::null()];
+    let root_env = std::ffi::CString::new(format!(
+        "{BUNDLE_ROOT_ENV}={}",
+        bundle_root.display()
+    ))
+    .map_err(io::Error::other)?;
+    let envp = [root_env.as_ptr(), std::ptr::null()];
     let mut fds = [0 as RawFd; 2];
     // SAFETY: socketpair(2) fills the two-element array we pass.
     if unsafe {
@@ -63,10 +100,20 @@ pub fn start() -> io::Result<()> {
     // may run any code; it never returns from `serve`.
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
-        0 => {
-            drop(ours);
-            serve_in_child(theirs, shim, bundle_root)
-        }
+        // SAFETY: in the child of a single-threaded process: dup2 (which
+        // clears close-on-exec on the copy), prctl, execve with argument
+        // and environment arrays built above (null-terminated); _exit if
+        // anything fails.
+        0 => unsafe {
+            if libc::dup2(theirs.as_raw_fd(), RUNNER_FD) == RUNNER_FD
+                && libc::fcntl(RUNNER_FD, libc::F_SETFD, 0) == 0
+                && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == 0
+                && libc::getppid() == shim
+            {
+                libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            }
+            libc::_exit(127)
+        },
         _ => {
             drop(theirs);
             let _ = RUNNER.set(Mutex::new(ours));
@@ -142,7 +189,7 @@ fn recv(fd: RawFd, max: usize) -> io::Result<Option<Vec<u8>>> {
 
 /// Whether the runner may run the hooks of `req`'s bundle.
 fn check_bundle(req: &RunRequest, root: Option<&Path>) -> Result<(), String> {
-    let Some(root) = root else {
+    let Some(root) = root.filter(|r| r.is_absolute()) else {
         return Err("the shim's bundle directory is unknown; no hook can be run".into());
     };
     let named_after_id = req.bundle.file_name().and_then(|n| n.to_str()) == Some(req.id.as_str());
@@ -162,13 +209,11 @@ fn check_bundle(req: &RunRequest, root: Option<&Path>) -> Result<(), String> {
 
 /// The child's whole life.
 fn serve_in_child(sock: OwnedFd, shim: libc::pid_t, root: Option<PathBuf>) -> ! {
-    // SAFETY: prctl/getppid have no memory effects; if the shim died
-    // before the death signal was armed, exit now.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-        if libc::getppid() != shim {
-            libc::_exit(0);
-        }
+    // SAFETY: getppid has no preconditions; if the shim died before the
+    // death signal (armed before exec, kept across it) could fire, exit.
+    if unsafe { libc::getppid() } != shim || shim == 1 {
+        // SAFETY: as below.
+        unsafe { libc::_exit(0) };
     }
     detach_descriptors(&sock);
     let fd = sock.as_raw_fd();
