@@ -40,6 +40,7 @@ const NET_SUBNET_BASE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 88, 140,
 const BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
 const HTTP_PORT: u16 = 8080;
+const HTTPD_TIMEOUT: Duration = Duration::from_secs(300);
 const ANNOTATION: (&str, &str) = ("org.example.hooks-test", "annotated");
 const HOSTS: &str = "127.0.0.1 localhost\n10.0.0.7 from-the-client\n";
 const RESOLV: &str = "nameserver 10.0.0.53\nsearch hooks.example\n";
@@ -80,7 +81,9 @@ struct Fixture {
 impl Fixture {
     fn new() -> Result<Fixture> {
         let cni = CniNetwork::pick(NET_NAME, NET_BRIDGE_BASE, NET_SUBNET_BASE, 8)?;
-        let dir = tempfile::Builder::new().prefix("ember-hooks-").tempdir_in("/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("ember-hooks-")
+            .tempdir_in("/tmp")?;
         let conflist: Value = serde_json::from_str(&cni.conflist())?;
         let mut plugin = conflist["plugins"][0].clone();
         plugin["cniVersion"] = conflist["cniVersion"].clone();
@@ -97,7 +100,11 @@ impl Fixture {
             std::fs::write(&p, body)?;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
         }
-        for (name, body) in [("hosts", HOSTS), ("resolv.conf", RESOLV), ("hostname", HOSTNAME)] {
+        for (name, body) in [
+            ("hosts", HOSTS),
+            ("resolv.conf", RESOLV),
+            ("hostname", HOSTNAME),
+        ] {
             std::fs::write(f.path(name), body)?;
         }
         f.rootfs()?;
@@ -147,9 +154,9 @@ impl Fixture {
             "/bin/sh",
             "-c",
             format!(
-                "cp /etc/hosts /etc/resolv.conf /etc/hostname /tmp/ && \
+                "echo starting; cp /etc/hosts /etc/resolv.conf /etc/hostname /tmp/ && \
                  echo hello-from-the-guest > /tmp/index.html && \
-                 exec httpd -f -p {HTTP_PORT} -h /tmp"
+                 echo serving && exec httpd -f -vv -p {HTTP_PORT} -h /tmp"
             )
         ]);
         spec["hooks"] = hooks;
@@ -175,33 +182,65 @@ impl Fixture {
     }
 
     fn state(&self, case: &str, phase: &str) -> Result<Value> {
-        Ok(serde_json::from_str(&self.record(case, &format!("{phase}.json"))?)?)
+        Ok(serde_json::from_str(
+            &self.record(case, &format!("{phase}.json"))?,
+        )?)
     }
 
     /// The address CNI ADD gave the container.
     fn address(&self, case: &str) -> Result<std::net::Ipv4Addr> {
         let add: Value = serde_json::from_str(&self.record(case, "add.out")?)?;
-        let cidr = add["ips"][0]["address"].as_str().context("no address in the CNI result")?;
+        let cidr = add["ips"][0]["address"]
+            .as_str()
+            .context("no address in the CNI result")?;
         Ok(cidr.split('/').next().unwrap_or_default().parse()?)
     }
 
     fn bridge_ports(&self) -> Vec<String> {
         std::fs::read_dir(format!("/sys/class/net/{}/brif", self.cni.bridge))
-            .map(|d| d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect())
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
 
 /// Checks a state JSON field by field.
 fn check_state(state: &Value, ctrd: &Containerd, id: &str, status: &str) -> Result<u64> {
-    let bundle = ctrd.state().join("io.containerd.runtime.v2.task/default").join(id);
-    ensure!(state["ociVersion"] == json!("1.0.2-dev") || state["ociVersion"].as_str().is_some_and(|v| v.starts_with("1.")), "ociVersion: {state}");
+    let bundle = ctrd
+        .state()
+        .join("io.containerd.runtime.v2.task/default")
+        .join(id);
+    ensure!(
+        state["ociVersion"] == json!("1.0.2-dev")
+            || state["ociVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("1.")),
+        "ociVersion: {state}"
+    );
     ensure!(state["id"] == json!(id), "id: {state}");
-    ensure!(state["status"] == json!(status), "status (want {status}): {state}");
-    ensure!(state["bundle"] == json!(bundle.display().to_string()), "bundle (want {}): {state}", bundle.display());
-    ensure!(state["annotations"][ANNOTATION.0] == json!(ANNOTATION.1), "annotations: {state}");
-    let pid = state["pid"].as_u64().filter(|p| *p > 1).with_context(|| format!("pid: {state}"))?;
-    ensure!(state.as_object().map(|o| o.len()) == Some(6), "unexpected fields: {state}");
+    ensure!(
+        state["status"] == json!(status),
+        "status (want {status}): {state}"
+    );
+    ensure!(
+        state["bundle"] == json!(bundle.display().to_string()),
+        "bundle (want {}): {state}",
+        bundle.display()
+    );
+    ensure!(
+        state["annotations"][ANNOTATION.0] == json!(ANNOTATION.1),
+        "annotations: {state}"
+    );
+    let pid = state["pid"]
+        .as_u64()
+        .filter(|p| *p > 1)
+        .with_context(|| format!("pid: {state}"))?;
+    ensure!(
+        state.as_object().map(|o| o.len()) == Some(6),
+        "unexpected fields: {state}"
+    );
     Ok(pid)
 }
 
@@ -221,7 +260,10 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     let (head, body) = body.split_once("\r\n\r\n").context("no HTTP header end")?;
-    ensure!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "GET {path}: {head}");
+    ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "GET {path}: {head}"
+    );
     Ok(body.to_string())
 }
 
@@ -242,11 +284,18 @@ fn oci_hooks_run_on_the_host_and_give_the_pod_its_network() {
             "a_failing_create_runtime_hook_fails_the_create_and_leaves_nothing",
             failing_hook as fn(&Fixture, &Containerd) -> Result<()>,
         ),
-        ("a_network_set_up_by_hooks_reaches_the_guest", network_from_hooks),
+        (
+            "a_network_set_up_by_hooks_reaches_the_guest",
+            network_from_hooks,
+        ),
     ] {
         let t0 = Instant::now();
         let r = case(&fixture, &ctrd);
-        println!("[ctr_hooks] {name}: {} in {:.1}s", if r.is_ok() { "ok" } else { "FAILED" }, t0.elapsed().as_secs_f64());
+        println!(
+            "[ctr_hooks] {name}: {} in {:.1}s",
+            if r.is_ok() { "ok" } else { "FAILED" },
+            t0.elapsed().as_secs_f64()
+        );
         if let Err(e) = r {
             failures.push(format!("{name}: {e:#}"));
         }
@@ -261,7 +310,9 @@ fn oci_hooks_run_on_the_host_and_give_the_pod_its_network() {
 
 fn no_pod_left(ctrd: &Containerd, id: &str) -> Result<()> {
     wait_for("the shim exits", Duration::from_secs(60), || {
-        ctrd.shim_processes().iter().all(|(_, cmd)| !cmd.contains(&format!("-id {id} ")))
+        ctrd.shim_processes()
+            .iter()
+            .all(|(_, cmd)| !cmd.contains(&format!("-id {id} ")))
     })?;
     let state_dir = Path::new(EMBER_STATE_DIR).join("default").join(id);
     ensure!(!state_dir.exists(), "{} is left", state_dir.display());
@@ -277,26 +328,50 @@ fn failing_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
     });
     let config = f.spec(ctrd, "bad", hooks)?;
     let config = config.display().to_string();
-    let out = ctrd.ctr_timeout(&["run", "--runtime", EMBER_RUNTIME, "--config", &config, id], BOOT_TIMEOUT);
+    let out = ctrd.ctr_timeout(
+        &["run", "--runtime", EMBER_RUNTIME, "--config", &config, id],
+        BOOT_TIMEOUT,
+    );
     let _ = ctrd.ctr(&["containers", "delete", id]);
-    ensure!(!out.success(), "ctr run succeeded despite a failing createRuntime hook");
+    ensure!(
+        !out.success(),
+        "ctr run succeeded despite a failing createRuntime hook"
+    );
     let err = out.stderr_str();
     let fail = f.path("fail.sh").display().to_string();
     ensure!(
-        err.contains(&format!("createRuntime hook #1 ({fail}) exited with status 3; stderr: no address for you")),
+        err.contains(&format!(
+            "createRuntime hook #1 ({fail}) exited with status 3; stderr: no address for you"
+        )),
         "the error does not name the failed hook: {err}"
     );
     // The first hook configured the namespace; postStop undid it.
     let created = f.state("bad", "createRuntime")?;
     let pid = check_state(&created, ctrd, id, "creating")?;
     let stopped = f.state("bad", "poststop")?;
-    ensure!(check_state(&stopped, ctrd, id, "stopped")? == pid, "poststop got another pid: {stopped}");
-    ensure!(f.record("bad", "poststop.links")?.contains("eth0"), "poststop did not see CNI's eth0");
+    ensure!(
+        check_state(&stopped, ctrd, id, "stopped")? == pid,
+        "poststop got another pid: {stopped}"
+    );
+    ensure!(
+        f.record("bad", "poststop.links")?.contains("eth0"),
+        "poststop did not see CNI's eth0"
+    );
     let ip = f.address("bad")?;
-    ensure!(!f.ipam_dir.join(ip.to_string()).exists(), "host-local still holds {ip}: CNI DEL did not run");
-    ensure!(f.bridge_ports().is_empty(), "ports left on the bridge: {:?}", f.bridge_ports());
+    ensure!(
+        !f.ipam_dir.join(ip.to_string()).exists(),
+        "host-local still holds {ip}: CNI DEL did not run"
+    );
+    ensure!(
+        f.bridge_ports().is_empty(),
+        "ports left on the bridge: {:?}",
+        f.bridge_ports()
+    );
     let host_ns = std::fs::read_link("/proc/self/ns/net")?;
-    ensure!(f.record("bad", "createRuntime.netns")?.trim() != host_ns.to_string_lossy(), "the hook ran CNI in the host's namespace");
+    ensure!(
+        f.record("bad", "createRuntime.netns")?.trim() != host_ns.to_string_lossy(),
+        "the hook ran CNI in the host's namespace"
+    );
     no_pod_left(ctrd, id)?;
     wait_for("the namespace holder goes", Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{pid}/ns/net")).exists()
@@ -315,24 +390,65 @@ fn network_from_hooks(f: &Fixture, ctrd: &Containerd) -> Result<()> {
     let config = f.spec(ctrd, "web", hooks)?;
     let config = config.display().to_string();
     let t0 = Instant::now();
-    let out = ctrd.ctr_timeout(&["run", "-d", "--runtime", EMBER_RUNTIME, "--config", &config, id], BOOT_TIMEOUT);
-    out.ok().context("ctr run")?;
+    // In the foreground, its output into a file; it ends with the task.
+    let log = f.path("web").join("output.log");
+    let out = std::fs::File::create(&log)?;
+    let mut ctr = ctrd
+        .ctr_command("default")
+        .args(["run", "--runtime", EMBER_RUNTIME, "--config", &config, id])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    let output = || std::fs::read_to_string(&log).unwrap_or_default();
+    let running = wait_for("the task runs", BOOT_TIMEOUT, || {
+        matches!(ctr.try_wait(), Ok(Some(_)))
+            || ctrd
+                .ctr(&["task", "ls"])
+                .stdout_str()
+                .lines()
+                .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+    });
+    if let Ok(Some(status)) = ctr.try_wait() {
+        bail!("ctr run ended ({status}): {}", output());
+    }
+    if let Err(e) = running {
+        let _ = ctr.kill();
+        let _ = ctr.wait();
+        return Err(e.context(output()));
+    }
     println!("[ctr_hooks] pod up in {:.1}s", t0.elapsed().as_secs_f64());
     let result = (|| -> Result<()> {
         let created = f.state("web", "createRuntime")?;
         let pid = check_state(&created, ctrd, id, "creating")?;
         let links = f.record("web", "createRuntime.links")?;
-        ensure!(!links.contains("eth0"), "the namespace was not new: {links}");
+        ensure!(
+            !links.contains("eth0"),
+            "the namespace was not new: {links}"
+        );
         let started = f.state("web", "poststart")?;
-        ensure!(check_state(&started, ctrd, id, "running")? == pid, "poststart got another pid");
+        ensure!(
+            check_state(&started, ctrd, id, "running")? == pid,
+            "poststart got another pid"
+        );
         let links = f.record("web", "poststart.links")?;
-        ensure!(links.contains("eth0") && links.contains("tap0_ember"), "at poststart: {links}");
+        ensure!(
+            links.contains("eth0") && links.contains("tap0_ember"),
+            "at poststart: {links}"
+        );
         let ip = f.address("web")?;
-        ensure!(f.cni.contains(ip) && f.ipam_dir.join(ip.to_string()).exists(), "{ip}");
+        ensure!(
+            f.cni.contains(ip) && f.ipam_dir.join(ip.to_string()).exists(),
+            "{ip}"
+        );
         let addr = SocketAddr::from((ip, HTTP_PORT));
         let mut last = String::new();
-        wait_for(&format!("httpd answers at {addr}"), Duration::from_secs(60), || {
-            match http_get(addr, "/index.html") {
+        // Slow on a loaded host without VT-x: the guest runs ~1M
+        // instructions/s.
+        wait_for(
+            &format!("httpd answers at {addr}"),
+            HTTPD_TIMEOUT,
+            || match http_get(addr, "/index.html") {
                 Ok(body) => {
                     last = body;
                     true
@@ -341,34 +457,65 @@ fn network_from_hooks(f: &Fixture, ctrd: &Containerd) -> Result<()> {
                     last = format!("{e:#}");
                     false
                 }
-            }
-        })
-        .with_context(|| last.clone())?;
-        ensure!(last.trim() == "hello-from-the-guest", "GET /index.html: {last:?}");
-        for (file, want) in [("hosts", HOSTS), ("resolv.conf", RESOLV), ("hostname", HOSTNAME)] {
+            },
+        )
+        .with_context(|| format!("{last}; the container's output: {:?}", output()))?;
+        ensure!(
+            last.trim() == "hello-from-the-guest",
+            "GET /index.html: {last:?}"
+        );
+        for (file, want) in [
+            ("hosts", HOSTS),
+            ("resolv.conf", RESOLV),
+            ("hostname", HOSTNAME),
+        ] {
             let got = http_get(addr, &format!("/{file}"))?;
-            ensure!(got == want, "/etc/{file} in the guest: {got:?}, want {want:?}");
+            ensure!(
+                got == want,
+                "/etc/{file} in the guest: {got:?}, want {want:?}"
+            );
         }
-        ensure!(!f.path("web").join("poststop.json").exists(), "poststop ran while the container runs");
+        ensure!(
+            !f.path("web").join("poststop.json").exists(),
+            "poststop ran while the container runs"
+        );
         Ok(())
     })();
     let _ = ctrd.ctr_timeout(&["task", "kill", "-s", "KILL", id], TASK_TIMEOUT);
-    wait_for("the task stops", TASK_TIMEOUT, || {
-        ctrd.ctr(&["task", "ls"]).stdout_str().lines().all(|l| !l.contains(id) || l.contains("STOPPED"))
+    wait_for("ctr run ends with the task", TASK_TIMEOUT, || {
+        matches!(ctr.try_wait(), Ok(Some(_)))
     })?;
     let deleted = ctrd.ctr_timeout(&["task", "delete", id], TASK_TIMEOUT);
     let _ = ctrd.ctr(&["containers", "delete", id]);
     result?;
-    deleted.ok().context("ctr task delete")?;
+    // `ctr run` in the foreground deletes the task itself once it exits.
+    ensure!(
+        deleted.success() || deleted.stderr_str().contains("not found"),
+        "ctr task delete: {}",
+        deleted.describe()
+    );
     // postStop ran before Delete returned, after the VM was gone.
     let stopped = f.state("web", "poststop")?;
     let pid = check_state(&stopped, ctrd, id, "stopped")?;
     let links = f.record("web", "poststop.links")?;
-    ensure!(links.contains("eth0"), "poststop did not see the pod's namespace: {links}");
-    ensure!(!links.contains("tap0_ember"), "the VM's tap was still there at poststop: {links}");
+    ensure!(
+        links.contains("eth0"),
+        "poststop did not see the pod's namespace: {links}"
+    );
+    ensure!(
+        !links.contains("tap0_ember"),
+        "the VM's tap was still there at poststop: {links}"
+    );
     let ip = f.address("web")?;
-    ensure!(!f.ipam_dir.join(ip.to_string()).exists(), "host-local still holds {ip}");
-    ensure!(f.bridge_ports().is_empty(), "ports left on the bridge: {:?}", f.bridge_ports());
+    ensure!(
+        !f.ipam_dir.join(ip.to_string()).exists(),
+        "host-local still holds {ip}"
+    );
+    ensure!(
+        f.bridge_ports().is_empty(),
+        "ports left on the bridge: {:?}",
+        f.bridge_ports()
+    );
     no_pod_left(ctrd, id)?;
     if Path::new(&format!("/proc/{pid}/ns/net")).exists() {
         bail!("the namespace holder {pid} is left");

@@ -42,7 +42,9 @@ static RUNNER: OnceLock<Mutex<OwnedFd>> = OnceLock::new();
 /// In the runner process: serves until the shim goes, never returns. In
 /// any other: returns at once. Call it first thing in `main`.
 pub fn serve_if_runner() {
-    let is_runner = std::env::args_os().next().is_some_and(|a| a == RUNNER_ARGV0);
+    let is_runner = std::env::args_os()
+        .next()
+        .is_some_and(|a| a == RUNNER_ARGV0);
     if !is_runner {
         return;
     }
@@ -73,11 +75,8 @@ pub fn start() -> io::Result<()> {
     let exe = c"/proc/self/exe";
     let argv0 = std::ffi::CString::new(RUNNER_ARGV0).map_err(io::Error::other)?;
     let argv = [argv0.as_ptr(), std::ptr::null()];
-    let root_env = std::ffi::CString::new(format!(
-        "{BUNDLE_ROOT_ENV}={}",
-        bundle_root.display()
-    ))
-    .map_err(io::Error::other)?;
+    let root_env = std::ffi::CString::new(format!("{BUNDLE_ROOT_ENV}={}", bundle_root.display()))
+        .map_err(io::Error::other)?;
     let envp = [root_env.as_ptr(), std::ptr::null()];
     let mut fds = [0 as RawFd; 2];
     // SAFETY: socketpair(2) fills the two-element array we pass.
