@@ -11,7 +11,10 @@
 //!   in the guest (`/proc/<guest pid>/ns/<type>`), except the network
 //!   namespace: a path there names a host netns, so the entry is removed
 //!   and the container shares the guest's root network namespace (the VM
-//!   is the pod's network boundary);
+//!   is the pod's network boundary). So does a container whose
+//!   `createRuntime`/`prestart` hooks set its network up (nerdctl): what
+//!   they configure on the host becomes the VM's interfaces, in the guest's
+//!   root namespace, so its new-namespace entry is removed too;
 //! - `linux.cgroupsPath` is removed (the agent places containers in its own
 //!   cgroup tree; a host path such as a systemd slice means nothing there).
 //!   On the host the whole VM is one unit in the pod's cgroup, taken from
@@ -189,6 +192,12 @@ pub fn rewrite(
         }
     }
 
+    let network_from_hooks = ["createRuntime", "prestart"].iter().any(|k| {
+        obj.get("hooks")
+            .and_then(|h| h.get(*k))
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    });
     obj.remove("hooks");
     if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
         if let Some(path) = linux.remove("cgroupsPath") {
@@ -207,11 +216,11 @@ pub fn rewrite(
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                if path.is_empty() {
-                    kept.push(ns);
+                if typ == "network" && (network_from_hooks || !path.is_empty()) {
                     continue;
                 }
-                if typ == "network" {
+                if path.is_empty() {
+                    kept.push(ns);
                     continue;
                 }
                 let file = ns_file(&typ).ok_or_else(|| {
@@ -389,6 +398,22 @@ mod tests {
         assert_eq!(g.spec["linux"]["resources"]["memory"]["limit"], 1048576);
         assert_eq!(g.spec["someFutureField"], json!({"kept": true}));
         assert_eq!(g.spec["process"]["args"], json!(["sh"]));
+    }
+
+    #[test]
+    fn a_network_set_up_by_hooks_is_the_guests_root_namespace() {
+        let mut s = spec();
+        s["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "network"}]);
+        // prestart hooks (as in spec()): the VM's interfaces are the network.
+        let g = rewrite(&s, "c1", Path::new("/b"), &share(), None).unwrap();
+        assert_eq!(g.spec["linux"]["namespaces"], json!([{"type": "pid"}]));
+        // Without hooks, a new namespace stays new (loopback only).
+        s["hooks"] = json!({"poststop": [{"path": "/bin/true"}]});
+        let g = rewrite(&s, "c1", Path::new("/b"), &share(), None).unwrap();
+        assert_eq!(
+            g.spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "network"}])
+        );
     }
 
     #[test]
