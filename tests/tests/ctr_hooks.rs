@@ -6,10 +6,13 @@
 //! CNI DEL there. Every hook records the state JSON it got on stdin and
 //! the links of that namespace.
 //!
-//! - `a_failing_create_runtime_hook_fails_the_create_and_leaves_nothing`:
-//!   the CNI hook runs, then a hook that fails: `ctr run` fails naming the
-//!   failed hook and its stderr; postStop ran (CNI DEL freed the address),
-//!   no VM, no shim, no port on the bridge, no state directory is left.
+//! - `failing_hooks_fail_the_create_and_leave_nothing`: the CNI hook runs,
+//!   then a hook that fails (exit status 3 with a message; a binary that
+//!   does not exist; one that outlives its 1 s timeout; one that writes 1 MB
+//!   of random bytes and exits 1): `ctr run` fails naming the failed hook
+//!   and what it did (bounded); postStop ran (CNI DEL freed the address);
+//!   no VM, no shim, no port on the bridge, no state directory is left. A
+//!   `createContainer` hook is refused before anything runs. No VM boots.
 //! - `a_network_set_up_by_hooks_reaches_the_guest`: the container gets the
 //!   address CNI gave it: the host fetches a page from busybox httpd in the
 //!   guest at that address; the `/etc/hosts`, `/etc/resolv.conf` and
@@ -70,12 +73,16 @@ esac
 "#;
 
 const FAILING_HOOK: &str = "#!/bin/sh\necho 'no address for you' >&2\nexit 3\n";
+const SLOW_HOOK: &str = "#!/bin/sh\necho sleeping\nsleep 100\n";
+const GARBAGE_HOOK: &str = "#!/bin/sh\nhead -c 1000000 /dev/urandom\nexit 1\n";
 
 struct Fixture {
     dir: tempfile::TempDir,
     cni: CniNetwork,
     /// host-local's allocations.
     ipam_dir: PathBuf,
+    /// The bridge plugin's config (stdin of CNI ADD and DEL).
+    net_conf: String,
 }
 
 impl Fixture {
@@ -94,8 +101,18 @@ impl Fixture {
                 .context("dataDir in the conflist")?,
         )
         .join(NET_NAME);
-        let f = Fixture { dir, cni, ipam_dir };
-        for (name, body) in [("hook.sh", CNI_HOOK), ("fail.sh", FAILING_HOOK)] {
+        let f = Fixture {
+            dir,
+            cni,
+            ipam_dir,
+            net_conf: plugin.to_string(),
+        };
+        for (name, body) in [
+            ("hook.sh", CNI_HOOK),
+            ("fail.sh", FAILING_HOOK),
+            ("slow.sh", SLOW_HOOK),
+            ("garbage.sh", GARBAGE_HOOK),
+        ] {
             let p = f.path(name);
             std::fs::write(&p, body)?;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
@@ -108,11 +125,6 @@ impl Fixture {
             std::fs::write(f.path(name), body)?;
         }
         f.rootfs()?;
-        for case in ["bad", "web"] {
-            let d = f.path(case);
-            std::fs::create_dir_all(&d)?;
-            std::fs::write(d.join("net.conf"), plugin.to_string())?;
-        }
         Ok(f)
     }
 
@@ -171,6 +183,8 @@ impl Fixture {
                 "options": ["rbind", "ro"],
             }));
         }
+        std::fs::create_dir_all(self.path(case))?;
+        std::fs::write(self.path(case).join("net.conf"), &self.net_conf)?;
         let path = self.path(case).join("config.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
         Ok(path)
@@ -272,25 +286,14 @@ fn ember_containerd() -> Result<Containerd> {
 }
 
 #[test]
-fn oci_hooks_run_on_the_host_and_give_the_pod_its_network() {
+fn failing_hooks_fail_the_create_and_leave_nothing() {
     if let Some(why) = missing_prerequisites() {
-        return skip_loudly("the OCI hooks test", &why);
+        return skip_loudly("the failing OCI hooks test", &why);
     }
     let fixture = Fixture::new().expect("fixture");
     let ctrd = ember_containerd().expect("containerd starts");
     let mut failures = Vec::new();
-    for (name, case) in [
-        (
-            "a_failing_create_runtime_hook_fails_the_create_and_leaves_nothing",
-            failing_hook as fn(&Fixture, &Containerd) -> Result<()>,
-        ),
-        (
-            "a_network_set_up_by_hooks_reaches_the_guest",
-            network_from_hooks,
-        ),
-    ] {
-        let t0 = Instant::now();
-        let r = case(&fixture, &ctrd);
+    let mut note = |name: &str, t0: Instant, r: Result<()>| {
         println!(
             "[ctr_hooks] {name}: {} in {:.1}s",
             if r.is_ok() { "ok" } else { "FAILED" },
@@ -299,12 +302,44 @@ fn oci_hooks_run_on_the_host_and_give_the_pod_its_network() {
         if let Err(e) = r {
             failures.push(format!("{name}: {e:#}"));
         }
+    };
+    for (case, bad, want) in bad_hooks(&fixture) {
+        let t0 = Instant::now();
+        let r = failing_create(&fixture, &ctrd, case, bad, &want);
+        note(&format!("createRuntime hook fails ({case})"), t0, r);
     }
+    let t0 = Instant::now();
+    let r = refused_create_container_hook(&fixture, &ctrd);
+    note("createContainer hook refused", t0, r);
     if !failures.is_empty() {
         println!("containerd log:\n{}", ctrd.log_tail(80));
     }
     let report = ctrd.shutdown();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(report.is_clean(), "containerd shutdown: {report:?}");
+}
+
+#[test]
+fn a_network_set_up_by_hooks_reaches_the_guest() {
+    if let Some(why) = missing_prerequisites() {
+        return skip_loudly("the OCI hooks network test", &why);
+    }
+    let fixture = Fixture::new().expect("fixture");
+    let ctrd = ember_containerd().expect("containerd starts");
+    let t0 = Instant::now();
+    let r = network_from_hooks(&fixture, &ctrd);
+    println!(
+        "[ctr_hooks] network from hooks: {} in {:.1}s",
+        if r.is_ok() { "ok" } else { "FAILED" },
+        t0.elapsed().as_secs_f64()
+    );
+    if r.is_err() {
+        println!("containerd log:\n{}", ctrd.log_tail(80));
+    }
+    let report = ctrd.shutdown();
+    if let Err(e) = r {
+        panic!("{e:#}");
+    }
     assert!(report.is_clean(), "containerd shutdown: {report:?}");
 }
 
@@ -319,15 +354,56 @@ fn no_pod_left(ctrd: &Containerd, id: &str) -> Result<()> {
     Ok(())
 }
 
-fn failing_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
-    let id = "hooks-bad";
-    let dir = f.path("bad").display().to_string();
+/// The bad hook a case puts after the CNI hook, and what the error says.
+fn bad_hooks(f: &Fixture) -> Vec<(&'static str, Value, String)> {
+    let fail = f.path("fail.sh").display().to_string();
+    let slow = f.path("slow.sh").display().to_string();
+    let garbage = f.path("garbage.sh").display().to_string();
+    let mut slow_hook = f.hook("slow.sh", &[]);
+    slow_hook["timeout"] = json!(1);
+    vec![
+        (
+            "exit",
+            f.hook("fail.sh", &[]),
+            format!("createRuntime hook #1 ({fail}) exited with status 3; stderr: no address for you"),
+        ),
+        (
+            "missing",
+            json!({"path": "/nonexistent/oci-hook"}),
+            "createRuntime hook #1 (/nonexistent/oci-hook) cannot be run: No such file or directory".into(),
+        ),
+        (
+            "timeout",
+            slow_hook,
+            format!("createRuntime hook #1 ({slow}) did not finish within 1 s and was killed; stdout: sleeping"),
+        ),
+        (
+            "garbage",
+            f.hook("garbage.sh", &[]),
+            format!("createRuntime hook #1 ({garbage}) exited with status 1; stdout: "),
+        ),
+    ]
+}
+
+/// A createRuntime hook that fails after the CNI hook ran: `ctr run` fails
+/// naming it; postStop ran and undid CNI; nothing is left.
+fn failing_create(
+    f: &Fixture,
+    ctrd: &Containerd,
+    case: &str,
+    bad: Value,
+    want: &str,
+) -> Result<()> {
+    let id = format!("hooks-{case}");
+    let id = id.as_str();
+    let dir = f.path(case).display().to_string();
     let hooks = json!({
-        "createRuntime": [f.hook("hook.sh", &["createRuntime", &dir]), f.hook("fail.sh", &[])],
+        "createRuntime": [f.hook("hook.sh", &["createRuntime", &dir]), bad],
         "poststop": [f.hook("hook.sh", &["poststop", &dir])],
     });
-    let config = f.spec(ctrd, "bad", hooks)?;
+    let config = f.spec(ctrd, case, hooks)?;
     let config = config.display().to_string();
+    let t0 = Instant::now();
     let out = ctrd.ctr_timeout(
         &["run", "--runtime", EMBER_RUNTIME, "--config", &config, id],
         BOOT_TIMEOUT,
@@ -338,26 +414,33 @@ fn failing_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
         "ctr run succeeded despite a failing createRuntime hook"
     );
     let err = out.stderr_str();
-    let fail = f.path("fail.sh").display().to_string();
     ensure!(
-        err.contains(&format!(
-            "createRuntime hook #1 ({fail}) exited with status 3; stderr: no address for you"
-        )),
+        err.contains(want),
         "the error does not name the failed hook: {err}"
     );
+    ensure!(
+        err.len() < 16 << 10,
+        "the error is {} bytes long",
+        err.len()
+    );
+    ensure!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
     // The first hook configured the namespace; postStop undid it.
-    let created = f.state("bad", "createRuntime")?;
+    let created = f.state(case, "createRuntime")?;
     let pid = check_state(&created, ctrd, id, "creating")?;
-    let stopped = f.state("bad", "poststop")?;
+    let stopped = f.state(case, "poststop")?;
     ensure!(
         check_state(&stopped, ctrd, id, "stopped")? == pid,
         "poststop got another pid: {stopped}"
     );
     ensure!(
-        f.record("bad", "poststop.links")?.contains("eth0"),
+        f.record(case, "poststop.links")?.contains("eth0"),
         "poststop did not see CNI's eth0"
     );
-    let ip = f.address("bad")?;
+    let ip = f.address(case)?;
     ensure!(
         !f.ipam_dir.join(ip.to_string()).exists(),
         "host-local still holds {ip}: CNI DEL did not run"
@@ -369,7 +452,7 @@ fn failing_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
     );
     let host_ns = std::fs::read_link("/proc/self/ns/net")?;
     ensure!(
-        f.record("bad", "createRuntime.netns")?.trim() != host_ns.to_string_lossy(),
+        f.record(case, "createRuntime.netns")?.trim() != host_ns.to_string_lossy(),
         "the hook ran CNI in the host's namespace"
     );
     no_pod_left(ctrd, id)?;
@@ -377,6 +460,38 @@ fn failing_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
         !Path::new(&format!("/proc/{pid}/ns/net")).exists()
     })?;
     Ok(())
+}
+
+/// A hook that would have to run inside the guest is refused before
+/// anything runs.
+fn refused_create_container_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
+    let id = "hooks-incontainer";
+    let dir = f.path("incontainer").display().to_string();
+    let hooks = json!({
+        "createRuntime": [f.hook("hook.sh", &["createRuntime", &dir])],
+        "createContainer": [f.hook("hook.sh", &["createContainer", &dir])],
+    });
+    let config = f.spec(ctrd, "incontainer", hooks)?;
+    let config = config.display().to_string();
+    let out = ctrd.ctr_timeout(
+        &["run", "--runtime", EMBER_RUNTIME, "--config", &config, id],
+        BOOT_TIMEOUT,
+    );
+    let _ = ctrd.ctr(&["containers", "delete", id]);
+    ensure!(
+        !out.success(),
+        "ctr run succeeded with a createContainer hook"
+    );
+    let err = out.stderr_str();
+    ensure!(
+        err.contains("createContainer hook") && err.contains("inside the pod's VM"),
+        "{err}"
+    );
+    ensure!(
+        !f.path("incontainer").join("createRuntime.json").exists(),
+        "a hook ran although the spec was refused"
+    );
+    no_pod_left(ctrd, id)
 }
 
 fn network_from_hooks(f: &Fixture, ctrd: &Containerd) -> Result<()> {
