@@ -268,17 +268,22 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Resu
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    let (head, body) = body.split_once("\r\n\r\n").context("no HTTP header end")?;
-    ensure!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "GET {path}: {head}"
-    );
-    Ok(body.to_string())
+    let get = || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        // busybox httpd forks per request: slow in a guest on a loaded
+        // host without VT-x.
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        let (head, body) = body.split_once("\r\n\r\n").context("no HTTP header end")?;
+        ensure!(
+            head.starts_with("HTTP/1.") && head.contains(" 200 "),
+            "{head}"
+        );
+        Ok(body.to_string())
+    };
+    get().with_context(|| format!("GET http://{addr}{path}"))
 }
 
 fn ember_containerd() -> Result<Containerd> {
