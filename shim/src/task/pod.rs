@@ -301,6 +301,7 @@ impl Pod {
             sb.shutdown().await;
         }
         self.leave_host_cgroup().await;
+        self.hooks.vm_gone().await;
     }
 
     /// The figures of the pod's host cgroup (the VM's CPU, memory, pids),
