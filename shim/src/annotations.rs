@@ -87,9 +87,16 @@ pub fn pod_overrides(
         if name == GROUP {
             continue;
         }
+        if name == crate::resources::port_forward::PORTS_ANNOTATION {
+            // Always allowed: it only listens in the pod's own namespace.
+            crate::resources::port_forward::parse_ports(value)
+                .map_err(|e| Error::invalid(format!("annotation {name}: {e}")))?;
+            continue;
+        }
         if !OVERRIDABLE.contains(&name.as_str()) {
             return Err(Error::invalid(format!(
-                "unknown Ember annotation {name} (known: {GROUP}, {})",
+                "unknown Ember annotation {name} (known: {GROUP}, {}, {})",
+                crate::resources::port_forward::PORTS_ANNOTATION,
                 OVERRIDABLE.join(", ")
             )));
         }
