@@ -212,4 +212,15 @@ mod tests {
             .to_string()
             .contains("unknown Ember annotation io.ember.vcpu"));
     }
+
+    #[test]
+    fn port_forward_needs_no_enabling_but_must_name_ports() {
+        use crate::resources::port_forward::PORTS_ANNOTATION;
+        let config = Config::default();
+        let ok = pod_overrides(&ann(&[(PORTS_ANNOTATION, "8080, 9090")]), &config).unwrap();
+        assert_eq!(ok, PodOverrides::default());
+        let e = pod_overrides(&ann(&[(PORTS_ANNOTATION, "8080,http")]), &config).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains(PORTS_ANNOTATION), "{e}");
+    }
 }
