@@ -5,9 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use anyhow::Context as _;
 
 use crate::service::{AgentService, Config};
-use crate::{
-    cmdline, console, logging, mounts, port_forward, power, reaper::Reaper, server, Mode,
-};
+use crate::{cmdline, console, logging, mounts, port_forward, power, reaper::Reaper, server, Mode};
 
 /// Exit status when the agent refuses to run (not PID 1, no test socket).
 pub const EXIT_REFUSED: i32 = 2;
@@ -136,9 +134,7 @@ fn start_port_forward(
 ) -> Option<tokio::task::JoinHandle<()>> {
     let listener = match mode {
         Mode::Init => port_forward::Listener::bind_vsock(),
-        Mode::Test { .. } => {
-            port_forward::Listener::bind_unix(&run_dir.join("port-forward.sock"))
-        }
+        Mode::Test { .. } => port_forward::Listener::bind_unix(&run_dir.join("port-forward.sock")),
     };
     match listener {
         Ok(l) => Some(tokio::spawn(port_forward::serve(l))),

@@ -115,25 +115,25 @@ pub async fn forward<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
         }
     };
     let addr = target(&req);
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await
-    {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            let reply = if e.kind() == io::ErrorKind::ConnectionRefused {
-                Reply::Refused
-            } else {
-                Reply::Failed
-            };
-            tracing::debug!("port-forward to {addr}: {e}");
-            let _ = stream.write_all(&[reply as u8]).await;
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("port-forward to {addr}: no connection within {CONNECT_TIMEOUT:?}");
-            let _ = stream.write_all(&[Reply::Failed as u8]).await;
-            return;
-        }
-    };
+    let tcp =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                let reply = if e.kind() == io::ErrorKind::ConnectionRefused {
+                    Reply::Refused
+                } else {
+                    Reply::Failed
+                };
+                tracing::debug!("port-forward to {addr}: {e}");
+                let _ = stream.write_all(&[reply as u8]).await;
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("port-forward to {addr}: no connection within {CONNECT_TIMEOUT:?}");
+                let _ = stream.write_all(&[Reply::Failed as u8]).await;
+                return;
+            }
+        };
     let _ = tcp.set_nodelay(true);
     if stream.write_all(&[Reply::Connected as u8]).await.is_err() {
         return;

@@ -104,13 +104,7 @@ fn echo_servers(pod_config: &api::PodSandboxConfig) -> api::ContainerConfig {
         "for p in {PORT_POD_ANNOTATION} {PORT_KUBELET} {PORT_CONFIG}; do \
          nc -ll -p $p -e cat & done; wait"
     );
-    let mut c = container_config(
-        "echo",
-        0,
-        BUSYBOX_IMAGE,
-        &["sh", "-c", &script],
-        pod_config,
-    );
+    let mut c = container_config("echo", 0, BUSYBOX_IMAGE, &["sh", "-c", &script], pod_config);
     // What kubelet records for `ports: [{containerPort: 8081}]`.
     c.annotations.insert(
         "io.kubernetes.container.ports".into(),

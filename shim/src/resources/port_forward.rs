@@ -215,7 +215,9 @@ async fn forward(mut tcp: TcpStream, vsock: PathBuf, req: Request, limits: Limit
     };
     let _ = tcp.set_nodelay(true);
     match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut guest, BUF, BUF).await {
-        Ok((up, down)) => tracing::debug!("port-forward done: {up} bytes to the guest, {down} back"),
+        Ok((up, down)) => {
+            tracing::debug!("port-forward done: {up} bytes to the guest, {down} back")
+        }
         Err(e) => tracing::debug!("port-forward ended: {e}"),
     }
 }
@@ -355,7 +357,10 @@ impl PortForwarder {
                     self.limits,
                 )));
             }
-            tracing::info!(port, "port-forward: listening in the pod's network namespace");
+            tracing::info!(
+                port,
+                "port-forward: listening in the pod's network namespace"
+            );
         }
         Ok(())
     }

@@ -139,7 +139,11 @@ async fn bytes_arrive_intact_both_ways_on_v4_and_v6() {
         let mut got = Vec::new();
         let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
         n.unwrap();
-        assert!(got == data, "{addr}: {} bytes back, not the same", got.len());
+        assert!(
+            got == data,
+            "{addr}: {} bytes back, not the same",
+            got.len()
+        );
     }
 }
 
@@ -220,7 +224,11 @@ async fn close_ends_connections_and_stops_listening() {
         .unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
     s.fwd.add_ports(&[free_port()]).await.unwrap();
-    assert_eq!(s.fwd.ports(), vec![s.port], "a closed forwarder adds nothing");
+    assert_eq!(
+        s.fwd.ports(),
+        vec![s.port],
+        "a closed forwarder adds nothing"
+    );
 }
 
 #[test]
