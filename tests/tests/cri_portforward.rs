@@ -8,7 +8,8 @@
 //! learns the ports three ways, one port each: the pod annotation
 //! `io.ember.port_forward=8080,8083`, kubelet's container annotation
 //! `io.kubernetes.container.ports` (8081; the harness passes it, as
-//! deploy/containerd does), and the config's `port_forward_ports = [8082]`.
+//! deploy/containerd does; with the Sandbox API also the pod's CRI port
+//! mappings, where kubelet lists every container port), and the config's `port_forward_ports = [8082]`.
 //! Cases, in order:
 //!   - every declared port echoes a line;
 //!   - 4 MiB sent to the echo server come back intact (both directions at
@@ -18,6 +19,9 @@
 //!   - a port nobody declared errors out the same way (containerd's own
 //!     dial is refused);
 //!   - a forward open while the pod is stopped ends, and the stop succeeds.
+//!
+//! `EMBER_E2E_CRI_HANDLER=ember-sandbox-api` (containerd 2.x) runs the same
+//! cases with the shim as the Sandbox API controller.
 //!
 //! Skipped, loudly, when /dev/kvm or the guest kernel/initrd are missing.
 
@@ -31,7 +35,13 @@ use ember_e2e::containerd::{Containerd, Options};
 use ember_e2e::cri::{api, container_config, pod_config, CniNetwork, Cri, PodNetwork};
 use ember_e2e::image::BUSYBOX_IMAGE;
 
-const HANDLER: &str = "ember";
+/// The CRI runtime handler: `ember` (podsandbox), or with
+/// `EMBER_E2E_CRI_HANDLER=ember-sandbox-api` on containerd 2.x the handler
+/// registered with `sandboxer = "shim"` (the shim is the sandbox controller
+/// and gets the pod's port mappings itself).
+fn handler() -> String {
+    std::env::var("EMBER_E2E_CRI_HANDLER").unwrap_or_else(|_| "ember".into())
+}
 /// Echo servers in the guest, by how the shim learns of them.
 const PORT_POD_ANNOTATION: u16 = 8080;
 const PORT_KUBELET: u16 = 8081;
@@ -135,11 +145,18 @@ fn run(cri: &Cri, ctrd: &Containerd, pod_id: &mut Option<String>) -> Result<()> 
         "io.ember.port_forward".to_string(),
         format!("{PORT_POD_ANNOTATION},{PORT_NO_LISTENER}"),
     )]);
+    // As kubelet does for every container port (host port 0: no hostPort).
+    config.port_mappings = vec![api::PortMapping {
+        protocol: api::Protocol::Tcp as i32,
+        container_port: i32::from(PORT_KUBELET),
+        ..Default::default()
+    }];
     let t0 = Instant::now();
-    let pod = cri.run_pod(&config, HANDLER)?;
+    let pod = cri.run_pod(&config, &handler())?;
     *pod_id = Some(pod.clone());
     println!(
-        "[cri_portforward] RunPodSandbox: {:.1}s, id {pod}",
+        "[cri_portforward] RunPodSandbox ({}): {:.1}s, id {pod}",
+        handler(),
         t0.elapsed().as_secs_f64()
     );
     let ctr = cri.create_container(&pod, &echo_servers(&config), &config)?;

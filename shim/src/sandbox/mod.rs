@@ -348,7 +348,7 @@ impl Sandbox {
 
     /// Listens for `kubectl port-forward` on `ports` (best effort: a port
     /// that cannot be listened on is logged, the pod runs on).
-    async fn forward_ports(&self, ports: &[u16]) {
+    pub async fn forward_ports(&self, ports: &[u16]) {
         if let (Some(pf), false) = (&self.port_forward, ports.is_empty()) {
             if let Err(e) = pf.add_ports(ports).await {
                 tracing::warn!("port-forward: listening on {ports:?}: {e}");
