@@ -29,6 +29,8 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to the guest port may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Copy buffer per direction: large, because every guest syscall is slow.
 pub const BUF: usize = 128 * 1024;
 
@@ -57,8 +59,9 @@ impl Listener {
     }
 }
 
-/// Accept streams until the listener fails; each is served on a task of
-/// its own.
+/// Accept streams for the life of the agent; each is served on a task of
+/// its own. A failed accept (EMFILE, ...) is logged and retried after a
+/// pause, so a burst of streams never ends port forwarding for good.
 pub async fn serve(listener: Listener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -67,8 +70,8 @@ pub async fn serve(listener: Listener) {
             Listener::Unix(l) => l.accept().await.map(|(s, _)| spawn(s, &slots)),
         };
         if let Err(e) = accepted {
-            tracing::warn!("port-forward listener: accept: {e}; no more port forwarding");
-            return;
+            tracing::warn!("port-forward listener: accept: {e}");
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
         }
     }
 }
@@ -204,6 +207,29 @@ mod tests {
         let mut rest = Vec::new();
         host.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "the stream ends after the reply");
+    }
+
+    /// The listener as the test-mode agent binds it: each stream served.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_listener_serves_every_stream() {
+        let dir = std::env::temp_dir().join(format!("ember-pf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("port-forward.sock");
+        let listener = Listener::bind_unix(&path).unwrap();
+        let server = tokio::spawn(serve(listener));
+        let req = Request {
+            family: Family::V4,
+            port: free_port(),
+        };
+        for _ in 0..3 {
+            let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+            s.write_all(&req.encode()).await.unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            assert_eq!(b[0], Reply::Refused as u8);
+        }
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(flavor = "current_thread")]
