@@ -31,7 +31,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ember_e2e::containerd::{Containerd, Options, EMBER_SANDBOX_API_HANDLER};
+use ember_e2e::containerd::{Containerd, Options};
 use ember_e2e::cri::{api, container_config, pod_config, CniNetwork, Cri, PodNetwork};
 use ember_e2e::image::BUSYBOX_IMAGE;
 
@@ -145,20 +145,6 @@ fn run(cri: &Cri, ctrd: &Containerd, pod_id: &mut Option<String>) -> Result<()> 
         "io.ember.port_forward".to_string(),
         format!("{PORT_POD_ANNOTATION},{PORT_NO_LISTENER}"),
     )]);
-    if handler() == EMBER_SANDBOX_API_HANDLER {
-        // Sandbox API pods cannot have containers join a pod IPC namespace
-        // yet (StartContainer: "agent CreateContainer: namespace path
-        // /proc/<pid>/ns/ipc: No such file or directory"; not a
-        // port-forward matter): each container gets its own here.
-        if let Some(ns) = config
-            .linux
-            .as_mut()
-            .and_then(|l| l.security_context.as_mut())
-            .and_then(|s| s.namespace_options.as_mut())
-        {
-            ns.ipc = api::NamespaceMode::Container as i32;
-        }
-    }
     // As kubelet does for every container port (host port 0: no hostPort).
     config.port_mappings = vec![api::PortMapping {
         protocol: api::Protocol::Tcp as i32,
