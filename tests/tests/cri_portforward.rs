@@ -123,17 +123,24 @@ fn echo_servers(pod_config: &api::PodSandboxConfig) -> api::ContainerConfig {
     c
 }
 
-/// Waits until the guest listens on every echo port.
+/// Waits until the guest listens on every echo port (one `netstat` a
+/// round: every process start is slow in this guest). On failure the error
+/// carries what was listening and the container's processes.
 fn wait_listening(cri: &Cri, container: &str) -> Result<()> {
     let cmd = format!(
-        "for i in $(seq 600); do n=0; for p in {PORT_POD_ANNOTATION} {PORT_KUBELET} {PORT_CONFIG}; do \
-         netstat -ltn | grep -q \":$p \" && n=$((n+1)); done; \
-         [ $n = 3 ] && exit 0; sleep 0.1; done; netstat -ltn; exit 1"
+        "for i in $(seq 150); do s=$(netstat -ltn); n=0; \
+         for p in {PORT_POD_ANNOTATION} {PORT_KUBELET} {PORT_CONFIG}; do \
+         case \"$s\" in *\":$p \"*) n=$((n+1));; esac; done; \
+         [ $n = 3 ] && exit 0; sleep 0.5; done; echo \"$s\"; ps; exit 1"
     );
-    cri.exec_sync(container, &["sh", "-c", &cmd], Duration::from_secs(120))?
-        .ok()
-        .map(|_| ())
-        .context("the echo servers do not listen")
+    let out = cri.exec_sync(container, &["sh", "-c", &cmd], Duration::from_secs(240))?;
+    ensure!(
+        out.exit_code == 0,
+        "the echo servers do not listen: {}{}",
+        out.stdout_str(),
+        out.stderr_str()
+    );
+    Ok(())
 }
 
 fn run(cri: &Cri, ctrd: &Containerd, pod_id: &mut Option<String>) -> Result<()> {
