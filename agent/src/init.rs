@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use anyhow::Context as _;
 
 use crate::service::{AgentService, Config};
-use crate::{cmdline, console, logging, mounts, power, reaper::Reaper, server, Mode};
+use crate::{cmdline, console, logging, mounts, port_forward, power, reaper::Reaper, server, Mode};
 
 /// Exit status when the agent refuses to run (not PID 1, no test socket).
 pub const EXIT_REFUSED: i32 = 2;
@@ -109,6 +109,7 @@ pub async fn serve(mode: Mode) -> anyhow::Result<()> {
         crate::sandbox::mount_shared(&config.containers.shared_dir);
         crate::sandbox::loopback_up();
     }
+    let config_run_dir = config.containers.run_dir.clone();
     let (service, mut shutdown) = AgentService::new(config, reaper);
     let (listener, marker) = match &mode {
         Mode::Init => (server::bind_vsock().await?, console::LISTENING.to_string()),
@@ -118,10 +119,30 @@ pub async fn serve(mode: Mode) -> anyhow::Result<()> {
         ),
     };
     let _server = server::start(service, listener).await?;
+    let _port_forward = start_port_forward(&mode, &config_run_dir);
     console::line(&marker);
     tracing::info!("serving");
     shutdown.requested().await;
     Ok(())
+}
+
+/// Start the port-forward listener (best effort: without it the pod
+/// runs, only `kubectl port-forward` fails).
+fn start_port_forward(
+    mode: &Mode,
+    run_dir: &std::path::Path,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let listener = match mode {
+        Mode::Init => port_forward::Listener::bind_vsock(),
+        Mode::Test { .. } => port_forward::Listener::bind_unix(&run_dir.join("port-forward.sock")),
+    };
+    match listener {
+        Ok(l) => Some(tokio::spawn(port_forward::serve(l))),
+        Err(e) => {
+            tracing::warn!("port-forward listener: {e}; kubectl port-forward will not work");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod init;
 pub mod logging;
 pub mod mounts;
 pub mod network;
+pub mod port_forward;
 pub mod power;
 pub mod reaper;
 pub mod sandbox;

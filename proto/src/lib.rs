@@ -71,6 +71,7 @@ pub mod cri_pod {
 }
 
 pub mod client;
+pub mod port_forward;
 
 /// The `#[async_trait]` attribute the generated [`agent_ttrpc::Agent`]
 /// trait is declared with; implementations must use the same one.

@@ -87,9 +87,16 @@ pub fn pod_overrides(
         if name == GROUP {
             continue;
         }
+        if name == crate::resources::port_forward::PORTS_ANNOTATION {
+            // Always allowed: it only listens in the pod's own namespace.
+            crate::resources::port_forward::parse_ports(value)
+                .map_err(|e| Error::invalid(format!("annotation {name}: {e}")))?;
+            continue;
+        }
         if !OVERRIDABLE.contains(&name.as_str()) {
             return Err(Error::invalid(format!(
-                "unknown Ember annotation {name} (known: {GROUP}, {})",
+                "unknown Ember annotation {name} (known: {GROUP}, {}, {})",
+                crate::resources::port_forward::PORTS_ANNOTATION,
                 OVERRIDABLE.join(", ")
             )));
         }
@@ -204,5 +211,16 @@ mod tests {
         assert!(e
             .to_string()
             .contains("unknown Ember annotation io.ember.vcpu"));
+    }
+
+    #[test]
+    fn port_forward_needs_no_enabling_but_must_name_ports() {
+        use crate::resources::port_forward::PORTS_ANNOTATION;
+        let config = Config::default();
+        let ok = pod_overrides(&ann(&[(PORTS_ANNOTATION, "8080, 9090")]), &config).unwrap();
+        assert_eq!(ok, PodOverrides::default());
+        let e = pod_overrides(&ann(&[(PORTS_ANNOTATION, "8080,http")]), &config).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains(PORTS_ANNOTATION), "{e}");
     }
 }

@@ -96,6 +96,12 @@ pub struct Config {
     /// included (a small record each, until the guest unmounts); past it
     /// new inodes fail with ENFILE.
     pub fs_max_known_inodes: u64,
+    /// TCP ports `kubectl port-forward` reaches in every pod, besides those
+    /// a pod declares (`io.ember.port_forward`, kubelet's container ports).
+    pub port_forward_ports: Vec<u16>,
+    /// Connections a pod forwards at once (`kubectl port-forward`); more
+    /// are reset. At least 1.
+    pub port_forward_max_connections: u32,
 }
 
 /// The least `max_open_files` a shim can run with.
@@ -127,6 +133,8 @@ impl Default for Config {
             fs_max_inodes: ember_vmm::FsLimits::default().max_inodes,
             fs_max_handles: ember_vmm::FsLimits::default().max_handles,
             fs_max_known_inodes: ember_vmm::FsLimits::default().max_known_inodes,
+            port_forward_ports: Vec::new(),
+            port_forward_max_connections: 64,
         }
     }
 }
@@ -220,6 +228,12 @@ impl Config {
                 "max_open_files must be at least {MIN_OPEN_FILES}, not {}",
                 self.max_open_files
             );
+        }
+        if self.port_forward_max_connections == 0 {
+            bail!("port_forward_max_connections must be more than 0");
+        }
+        if self.port_forward_ports.contains(&0) {
+            bail!("port_forward_ports: 0 is not a TCP port");
         }
         if self.template_restore_timeout_secs == 0 {
             bail!("template_restore_timeout_secs must be more than 0");

@@ -998,6 +998,8 @@ oom_score = 0
             r#"
 [plugins."{runtime_plugin}".containerd.runtimes.ember]
   runtime_type = "{}"
+  pod_annotations = ["io.ember.*"]
+  container_annotations = ["io.ember.*", "io.kubernetes.container.ports"]
 "#,
             shim.display()
         ));
@@ -1009,6 +1011,8 @@ oom_score = 0
 [plugins."{runtime_plugin}".containerd.runtimes.{EMBER_SANDBOX_API_HANDLER}]
   runtime_type = "{}"
   sandboxer = "shim"
+  pod_annotations = ["io.ember.*"]
+  container_annotations = ["io.ember.*", "io.kubernetes.container.ports"]
 "#,
                 shim.display()
             ));

@@ -15,6 +15,11 @@
 //! byte: 0 stdin, 1 stdout, 2 stderr, 3 status, 4 resize), as `kubectl exec`
 //! over websockets does. The exit code comes from the v4 status message.
 //!
+//! Port forwarding: [`Cri::port_forward`] connects to the URL the CRI
+//! `PortForward` call returns with the `v4.channel.k8s.io` port-forward
+//! protocol (per port a data and an error channel, each starting with the
+//! port as a little-endian u16), as `kubectl port-forward` over websockets.
+//!
 //! Also here: builders for pod and container configs, the CRI container log
 //! format parser (`<RFC3339Nano time> <stdout|stderr> <P|F> <text>`), and
 //! [`CniNetwork`], a bridge + host-local CNI network for pod networking on a
@@ -884,6 +889,260 @@ impl Drop for ExecSession<'_> {
         if let Some(r) = self.reader.take() {
             r.abort();
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Port forwarding
+// ---------------------------------------------------------------------------
+
+/// The WebSocket subprotocol of the CRI streaming server's port forwarding
+/// (containerd `pkg/cri/streaming/portforward/websocket.go`): binary
+/// messages, the first byte the channel. Port `i` of the request has the
+/// data channel `2i` (both ways) and the error channel `2i + 1` (server to
+/// client); the server's first bytes on each channel are the port, a
+/// little-endian u16.
+pub const PORT_FORWARD_PROTOCOL: &str = "v4.channel.k8s.io";
+/// Largest data message the client sends.
+const PORT_FORWARD_CHUNK: usize = 32 * 1024;
+
+/// What arrived on one port's channels.
+#[derive(Debug, Default, Clone)]
+pub struct ForwardedPort {
+    pub data: Vec<u8>,
+    pub error: Vec<u8>,
+    /// Port-header bytes still expected on the data and error channels.
+    header_left: [usize; 2],
+    header: [Vec<u8>; 2],
+}
+
+#[derive(Debug, Default)]
+struct PortForwardState {
+    ports: Vec<ForwardedPort>,
+    closed: bool,
+    /// A message the protocol does not allow (unknown channel, wrong port).
+    protocol_error: Option<String>,
+}
+
+impl Cri {
+    /// The CRI PortForward call: the streaming server URL for `ports` of
+    /// the pod.
+    pub fn port_forward_url(&self, pod_id: &str, ports: &[u16]) -> Result<String> {
+        let req = api::PortForwardRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            port: ports.iter().map(|p| i32::from(*p)).collect(),
+        };
+        Ok(self
+            .rpc("PortForward", CALL_TIMEOUT, |mut c| async move {
+                c.port_forward(request(req, CALL_TIMEOUT)).await
+            })?
+            .url)
+    }
+
+    /// Starts port forwarding to `ports` of the pod, as `kubectl
+    /// port-forward` does over WebSockets.
+    pub fn port_forward(&self, pod_id: &str, ports: &[u16]) -> Result<PortForwardSession<'_>> {
+        let url = self.port_forward_url(pod_id, ports)?;
+        PortForwardSession::connect(self, &url, ports)
+    }
+}
+
+/// A port-forward stream in progress: what arrives is collected in the
+/// background; data goes out on demand.
+pub struct PortForwardSession<'a> {
+    cri: &'a Cri,
+    ports: Vec<u16>,
+    sink: Arc<tokio::sync::Mutex<WsSink>>,
+    state: Arc<Mutex<PortForwardState>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<'a> PortForwardSession<'a> {
+    fn connect(cri: &'a Cri, url: &str, ports: &[u16]) -> Result<Self> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+        let ws_url = url
+            .strip_prefix("http://")
+            .map(|rest| format!("ws://{rest}"))
+            .unwrap_or_else(|| url.to_string());
+        let mut req = ws_url
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("port-forward URL {url:?}"))?;
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", PORT_FORWARD_PROTOCOL.parse()?);
+        let _rt = cri.rt.enter();
+        let (ws, _resp) = cri
+            .rt
+            .block_on(tokio::time::timeout(
+                Duration::from_secs(30),
+                tokio_tungstenite::connect_async(req),
+            ))
+            .with_context(|| format!("websocket connect to {ws_url} timed out"))?
+            .with_context(|| format!("websocket connect to {ws_url}"))?;
+        let (sink, mut stream) = ws.split();
+        let state = Arc::new(Mutex::new(PortForwardState {
+            ports: ports
+                .iter()
+                .map(|_| ForwardedPort {
+                    header_left: [2, 2],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }));
+        let st = state.clone();
+        let expected: Vec<u16> = ports.to_vec();
+        let reader = cri.rt.spawn(async move {
+            while let Some(msg) = stream.next().await {
+                let data: Vec<u8> = match msg {
+                    Ok(Message::Binary(b)) => b.to_vec(),
+                    Ok(Message::Close(_)) | Err(_) => break,
+                    Ok(_) => continue,
+                };
+                let Some((&ch, mut rest)) = data.split_first() else {
+                    continue;
+                };
+                let mut st = st.lock().unwrap();
+                let (index, kind) = (usize::from(ch / 2), usize::from(ch % 2));
+                let Some(port) = st.ports.get_mut(index) else {
+                    st.protocol_error = Some(format!("message on unknown channel {ch}"));
+                    continue;
+                };
+                let take = port.header_left[kind].min(rest.len());
+                port.header[kind].extend_from_slice(&rest[..take]);
+                port.header_left[kind] -= take;
+                rest = &rest[take..];
+                if take > 0 && port.header_left[kind] == 0 {
+                    let got = u16::from_le_bytes([port.header[kind][0], port.header[kind][1]]);
+                    if got != expected[index] {
+                        st.protocol_error = Some(format!(
+                            "channel {ch} names port {got}, expected {}",
+                            expected[index]
+                        ));
+                        continue;
+                    }
+                }
+                if kind == 0 {
+                    port.data.extend_from_slice(rest);
+                } else {
+                    port.error.extend_from_slice(rest);
+                }
+            }
+            st.lock().unwrap().closed = true;
+        });
+        Ok(Self {
+            cri,
+            ports: ports.to_vec(),
+            sink: Arc::new(tokio::sync::Mutex::new(sink)),
+            state,
+            reader: Some(reader),
+        })
+    }
+
+    fn index(&self, port: u16) -> Result<usize> {
+        self.ports
+            .iter()
+            .position(|p| *p == port)
+            .with_context(|| format!("port {port} is not part of this port-forward session"))
+    }
+
+    /// Sends `data` to `port` (in messages of at most 32 KiB).
+    pub fn send(&self, port: u16, data: &[u8]) -> Result<()> {
+        use tokio_tungstenite::tungstenite::Message;
+        let ch = u8::try_from(self.index(port)? * 2).context("too many ports")?;
+        let sink = self.sink.clone();
+        let frames: Vec<Vec<u8>> = data
+            .chunks(PORT_FORWARD_CHUNK)
+            .map(|c| {
+                let mut f = Vec::with_capacity(c.len() + 1);
+                f.push(ch);
+                f.extend_from_slice(c);
+                f
+            })
+            .collect();
+        self.cri
+            .rt
+            .block_on(async move {
+                let mut sink = sink.lock().await;
+                for f in frames {
+                    sink.send(Message::binary(f)).await?;
+                }
+                Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+            })
+            .context("websocket send")
+    }
+
+    /// What arrived so far for `port`.
+    pub fn port(&self, port: u16) -> Result<ForwardedPort> {
+        let i = self.index(port)?;
+        let st = self.state.lock().unwrap();
+        if let Some(e) = &st.protocol_error {
+            bail!("port-forward protocol error: {e}");
+        }
+        Ok(st.ports[i].clone())
+    }
+
+    /// Whether the server closed the stream.
+    pub fn closed(&self) -> bool {
+        self.state.lock().unwrap().closed
+    }
+
+    /// Waits until `pred` holds for `port`'s channels; fails at `timeout`
+    /// or when the stream closed first.
+    pub fn wait_for(
+        &self,
+        port: u16,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&ForwardedPort) -> bool,
+    ) -> Result<ForwardedPort> {
+        let start = Instant::now();
+        loop {
+            let p = self.port(port)?;
+            if pred(&p) {
+                return Ok(p);
+            }
+            let closed = self.closed();
+            if closed || start.elapsed() > timeout {
+                bail!(
+                    "port {port}: {what} not seen within {:?}{}: {} data bytes, error {:?}",
+                    start.elapsed(),
+                    if closed { " (stream closed)" } else { "" },
+                    p.data.len(),
+                    String::from_utf8_lossy(&p.error)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` for the server to close the stream.
+    pub fn wait_closed(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while !self.closed() {
+            ensure!(
+                start.elapsed() < timeout,
+                "the port-forward stream is still open after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PortForwardSession<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+        let sink = self.sink.clone();
+        let _ = self.cri.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), async move {
+                sink.lock().await.close().await
+            })
+            .await
+        });
     }
 }
 

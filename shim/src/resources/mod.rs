@@ -7,12 +7,14 @@
 //! - [`spec`]: the OCI spec from host terms into guest terms;
 //! - [`sizing`]: vCPUs and memory of the pod's VM;
 //! - [`network`]: the pod's CNI network namespace wired to the VM (tc redirect);
+//! - [`port_forward`]: `localhost:<port>` in that namespace carried to the guest;
 //! - [`hooks`]: the spec's OCI hooks, run on the host.
 
 pub mod cgroup;
 pub mod hooks;
 pub mod mount;
 pub mod network;
+pub mod port_forward;
 pub mod rootfs;
 pub mod sizing;
 pub mod spec;

@@ -59,6 +59,7 @@ use crate::events::{self, EventSink};
 use crate::io::{ProcessIo, StdioPaths};
 use crate::resources::mount::{self, MountRequest};
 use crate::resources::network::PodNetwork;
+use crate::resources::port_forward::{self, PortForwarder};
 use crate::resources::rootfs;
 use crate::resources::sizing::VmSize;
 use crate::resources::spec::{self as ocispec, SharePaths, GUEST_SHARED_DIR};
@@ -123,6 +124,8 @@ pub struct Sandbox {
     background: Mutex<Vec<JoinHandle<()>>>,
     /// The pod's CNI network, wired to the VM.
     network: Option<PodNetwork>,
+    /// `kubectl port-forward`: listeners in the pod's network namespace.
+    port_forward: Option<PortForwarder>,
 }
 
 /// The VM config of a pod.
@@ -302,6 +305,16 @@ impl Sandbox {
             stopping.clone(),
             paths.console_log.display().to_string(),
         ));
+        let port_forward = setup.netns.clone().map(|netns| {
+            PortForwarder::new(
+                netns,
+                paths.vsock.clone(),
+                port_forward::Limits {
+                    max_connections: config.port_forward_max_connections as usize,
+                    connect_timeout: port_forward::CONNECT_TIMEOUT,
+                },
+            )
+        });
         let sandbox = Arc::new(Sandbox {
             id: setup.id.clone(),
             share: SharePaths::new(paths.mounts.clone()),
@@ -316,6 +329,7 @@ impl Sandbox {
             vm,
             background: Mutex::new(Vec::new()),
             network,
+            port_forward,
         });
         if let Err(e) = sandbox.mount_share().await {
             sandbox.shutdown().await;
@@ -327,8 +341,19 @@ impl Sandbox {
                 return Err(e);
             }
         }
+        sandbox.forward_ports(&config.port_forward_ports).await;
         sandbox.start_background();
         Ok(sandbox)
+    }
+
+    /// Listens for `kubectl port-forward` on `ports` (best effort: a port
+    /// that cannot be listened on is logged, the pod runs on).
+    pub async fn forward_ports(&self, ports: &[u16]) {
+        if let (Some(pf), false) = (&self.port_forward, ports.is_empty()) {
+            if let Err(e) = pf.add_ports(ports).await {
+                tracing::warn!("port-forward: listening on {ports:?}: {e}");
+            }
+        }
     }
 
     /// Mounts the pod's virtio-fs share in the guest.
@@ -470,6 +495,10 @@ impl Sandbox {
         }
         let id = new.id.clone();
         let ann = annotations::of_spec(&new.spec);
+        match port_forward::ports_of_annotations(&ann) {
+            Ok(ports) => self.forward_ports(&ports).await,
+            Err(e) => tracing::warn!("container {id}: {e}; no port forwarding for it"),
+        }
         // A CRI container joins its sandbox container's namespaces; under
         // containerd's Sandbox API there is no sandbox container: the VM is
         // the sandbox, and its namespaces are the guest's own.
@@ -1065,6 +1094,9 @@ impl Sandbox {
     /// released), and everything on the host goes: mounts, state directory.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        if let Some(pf) = &self.port_forward {
+            pf.close();
+        }
         let started = Instant::now();
         if self.death.reason().is_none() {
             match self.agent.shutdown(SHUTDOWN_CALL).await {
@@ -1129,6 +1161,7 @@ impl Sandbox {
             vm: Arc::new(VmHandle::detached()),
             background: Mutex::new(Vec::new()),
             network: None,
+            port_forward: None,
         });
         sandbox.start_background();
         sandbox

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use crate::error::{Error, Result};
 use crate::events;
 use crate::metrics;
+use crate::resources::port_forward;
 use crate::task::pod::Pod;
 
 /// containerd's CRI reads these states (`runtime.v1.PodSandboxState`).
@@ -118,6 +119,10 @@ impl SandboxService {
         let sandbox = tokio::spawn(async move { pod.boot_held(setup, &cgroup_spec).await })
             .await
             .map_err(|e| Error::Internal(anyhow::anyhow!("CreateSandbox task failed: {e}")))??;
+        // kubectl port-forward: the ports the pod declares.
+        let mut ports = asked.ports.clone();
+        ports.extend(port_forward::ports_of_annotations(&asked.annotations).unwrap_or_default());
+        sandbox.forward_ports(&ports).await;
         let record = Arc::new(Record {
             created_at: SystemTime::now(),
             pod_name: asked.pod_name,
