@@ -200,6 +200,19 @@ fn containerd_2_reads_ember_from_a_drop_in_of_the_root_configs_version() {
             "{ember}"
         );
 
+        if version == 3 {
+            // The Sandbox API handler, next to the default one.
+            let header = "runtimes.ember-sandbox-api]";
+            let at = read_back
+                .find(header)
+                .unwrap_or_else(|| panic!("containerd 2.1 does not see {header}:\n{read_back}"));
+            let table: Vec<&str> = read_back[at..].lines().take(12).collect();
+            assert!(
+                table.iter().any(|l| l.trim() == "sandboxer = \"shim\""),
+                "{table:?}"
+            );
+        }
+
         assert!(
             !register(&cfg, &c2, &["--node"], None).changed,
             "v{version}: not idempotent"
