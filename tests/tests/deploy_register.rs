@@ -206,7 +206,11 @@ fn containerd_2_reads_ember_from_a_drop_in_of_the_root_configs_version() {
             let at = read_back
                 .find(header)
                 .unwrap_or_else(|| panic!("containerd 2.1 does not see {header}:\n{read_back}"));
-            let table: Vec<&str> = read_back[at..].lines().take(12).collect();
+            let table: Vec<&str> = read_back[at..]
+                .lines()
+                .skip(1)
+                .take_while(|l| !l.trim_start().starts_with('['))
+                .collect();
             assert!(
                 table.iter().any(|l| l.trim() == "sandboxer = \"shim\""),
                 "{table:?}"
