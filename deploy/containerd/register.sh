@@ -82,16 +82,19 @@ changed=0
 
 has_block() { [ -f "$cfg" ] && grep -q "^$begin_prefix" "$cfg"; }
 
+# Drops the marker block (any Ember ever wrote) from the root config.
+remove_block() {
+    awk -v b="$begin_prefix" -v e="$end_mark" '
+        index($0, b) == 1 { skip = 1; next }
+        skip && $0 == e { skip = 0; next }
+        !skip' "$cfg" >"$cfg.ember.$$"
+    mv -f "$cfg.ember.$$" "$cfg"
+}
+
 if [ "$unregister" = 1 ]; then
     if has_block; then
         log "removing the ember runtime block from $cfg_path"
-        if [ "$dry_run" = 0 ]; then
-            awk -v b="$begin_prefix" -v e="$end_mark" '
-                index($0, b) == 1 { skip = 1; next }
-                skip && $0 == e { skip = 0; next }
-                !skip' "$cfg" >"$cfg.ember.$$"
-            mv -f "$cfg.ember.$$" "$cfg"
-        fi
+        [ "$dry_run" = 1 ] || remove_block
         changed=1
     fi
     if [ -f "$cfg" ] && grep -E '^[[:space:]]*imports[[:space:]]*=' "$cfg" | grep -qF "\"$dropin_path\""; then
@@ -181,11 +184,7 @@ else
         if [ "$current" != "$block" ]; then
             log "adding the ember runtime to $cfg_path (between '$begin_mark' lines)"
             if [ "$dry_run" = 0 ]; then
-                awk -v b="$begin_prefix" -v e="$end_mark" '
-                    index($0, b) == 1 { skip = 1; next }
-                    skip && $0 == e { skip = 0; next }
-                    !skip' "$cfg" >"$cfg.ember.$$"
-                mv -f "$cfg.ember.$$" "$cfg"
+                remove_block
                 [ -z "$(tail -c1 "$cfg")" ] || printf '\n' >>"$cfg"
                 printf '%s\n' "$block" >>"$cfg"
             fi

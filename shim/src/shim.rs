@@ -118,29 +118,26 @@ pub fn confine_if_serving() {
     // Forked while the process is single-threaded and unconfined: the
     // confined shim cannot exec hooks itself.
     if let Err(e) = crate::resources::hooks::runner::start() {
-        let line = format!("ember: cannot start the hook runner of pod {pod}, not serving: {e}\n");
-        // SAFETY: write(2) of a live buffer to an fd we hold.
-        unsafe {
-            libc::write(
-                confine::sigsys::report_fd(),
-                line.as_ptr().cast(),
-                line.len(),
-            )
-        };
-        std::process::exit(1);
+        refuse_to_serve(&format!("cannot start the hook runner of pod {pod}"), &e);
     }
     if let Err(e) = confine::process(confine::ProcessLimits { max_open_files }) {
-        let line = format!("ember: cannot confine the shim of pod {pod}, not serving: {e}\n");
-        // SAFETY: write(2) of a live buffer to an fd we hold.
-        unsafe {
-            libc::write(
-                confine::sigsys::report_fd(),
-                line.as_ptr().cast(),
-                line.len(),
-            )
-        };
-        std::process::exit(1);
+        refuse_to_serve(&format!("cannot confine the shim of pod {pod}"), &e);
     }
+}
+
+/// One line in containerd's log (the SIGSYS report descriptor), then exit
+/// 1: a shim that cannot be set up safely does not serve.
+fn refuse_to_serve(what: &str, e: &dyn std::fmt::Display) -> ! {
+    let line = format!("ember: {what}, not serving: {e}\n");
+    // SAFETY: write(2) of a live buffer to an fd we hold.
+    unsafe {
+        libc::write(
+            confine::sigsys::report_fd(),
+            line.as_ptr().cast(),
+            line.len(),
+        )
+    };
+    std::process::exit(1);
 }
 
 pub struct EmberShim {
