@@ -19,6 +19,16 @@ use crate::events::EventSink;
 use crate::sandbox::tests::harness;
 use crate::task::pod::Pod;
 
+/// A request of type `$t` for this shim's sandbox, `sb1`.
+macro_rules! req {
+    ($t:ident) => {
+        $t {
+            sandbox_id: "sb1".into(),
+            ..Default::default()
+        }
+    };
+}
+
 fn ctx() -> TtrpcContext {
     TtrpcContext {
         mh: Default::default(),
@@ -53,10 +63,7 @@ fn service(sandbox: Arc<crate::sandbox::Sandbox>) -> (SandboxService, Arc<Pod>, 
 }
 
 fn create_request() -> CreateSandboxRequest {
-    CreateSandboxRequest {
-        sandbox_id: "sb1".into(),
-        ..Default::default()
-    }
+    req!(CreateSandboxRequest)
 }
 
 #[tokio::test]
@@ -64,109 +71,36 @@ async fn calls_for_unknown_sandboxes_are_not_found() {
     let Some(h) = harness().await else { return };
     let (s, _, _) = service(h.sandbox.clone());
     let c = ctx();
-    let id = || "sb1".to_string();
     assert_eq!(
-        code(
-            s.start_sandbox(
-                &c,
-                StartSandboxRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.start_sandbox(&c, req!(StartSandboxRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     assert_eq!(
-        code(
-            s.sandbox_status(
-                &c,
-                SandboxStatusRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.sandbox_status(&c, req!(SandboxStatusRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     assert_eq!(
-        code(
-            s.wait_sandbox(
-                &c,
-                WaitSandboxRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.wait_sandbox(&c, req!(WaitSandboxRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     assert_eq!(
-        code(
-            s.stop_sandbox(
-                &c,
-                StopSandboxRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.stop_sandbox(&c, req!(StopSandboxRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     assert_eq!(
-        code(
-            s.ping_sandbox(
-                &c,
-                PingRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.ping_sandbox(&c, req!(PingRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     assert_eq!(
-        code(
-            s.platform(
-                &c,
-                PlatformRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.platform(&c, req!(PlatformRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     assert_eq!(
-        code(
-            s.sandbox_metrics(
-                &c,
-                SandboxMetricsRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.sandbox_metrics(&c, req!(SandboxMetricsRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     assert_eq!(
-        code(
-            s.shutdown_sandbox(
-                &c,
-                ShutdownSandboxRequest {
-                    sandbox_id: id(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
+        code(s.shutdown_sandbox(&c, req!(ShutdownSandboxRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
     // Another pod's id, after this one exists.
@@ -200,13 +134,7 @@ async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_s
         ttrpc::Code::ALREADY_EXISTS
     );
     let started = s
-        .start_sandbox(
-            &c,
-            StartSandboxRequest {
-                sandbox_id: "sb1".into(),
-                ..Default::default()
-            },
-        )
+        .start_sandbox(&c, req!(StartSandboxRequest))
         .await
         .unwrap();
     assert_eq!(started.pid, std::process::id());
@@ -224,16 +152,7 @@ async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_s
     assert_eq!(status.state, "SANDBOX_READY");
     assert_eq!(status.created_at, started.created_at);
     assert!(status.info.contains_key("runtime"));
-    let platform = s
-        .platform(
-            &c,
-            PlatformRequest {
-                sandbox_id: "sb1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let platform = s.platform(&c, req!(PlatformRequest)).await.unwrap();
     assert_eq!(platform.platform.os, "linux");
 
     // The task service's Shutdown after a container's delete: the VM is
@@ -244,30 +163,14 @@ async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_s
     let waiter = {
         let s = Arc::new(s);
         let w = s.clone();
-        let handle = tokio::spawn(async move {
-            w.wait_sandbox(
-                &ctx(),
-                WaitSandboxRequest {
-                    sandbox_id: "sb1".into(),
-                    ..Default::default()
-                },
-            )
-            .await
-        });
+        let handle =
+            tokio::spawn(async move { w.wait_sandbox(&ctx(), req!(WaitSandboxRequest)).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             !handle.is_finished(),
             "Wait returned while the sandbox runs"
         );
-        s.stop_sandbox(
-            &c,
-            StopSandboxRequest {
-                sandbox_id: "sb1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        s.stop_sandbox(&c, req!(StopSandboxRequest)).await.unwrap();
         let waited = tokio::time::timeout(Duration::from_secs(10), handle)
             .await
             .expect("Wait returns once the sandbox stopped")
@@ -276,51 +179,24 @@ async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_s
         assert_eq!(waited.exit_status, 0);
         assert!(pod.sandbox().is_none(), "StopSandbox tore the VM down");
         let status = s
-            .sandbox_status(
-                &c,
-                SandboxStatusRequest {
-                    sandbox_id: "sb1".into(),
-                    ..Default::default()
-                },
-            )
+            .sandbox_status(&c, req!(SandboxStatusRequest))
             .await
             .unwrap();
         assert_eq!(status.state, "SANDBOX_NOTREADY");
         assert!(status.exited_at.is_some());
         assert_eq!(
-            code(
-                s.ping_sandbox(
-                    &c,
-                    PingRequest {
-                        sandbox_id: "sb1".into(),
-                        ..Default::default()
-                    }
-                )
-                .await
-            ),
+            code(s.ping_sandbox(&c, req!(PingRequest)).await),
             ttrpc::Code::UNAVAILABLE
         );
         s
     };
     // Stop again is fine (containerd retries); Shutdown ends the shim.
     waiter
-        .stop_sandbox(
-            &c,
-            StopSandboxRequest {
-                sandbox_id: "sb1".into(),
-                ..Default::default()
-            },
-        )
+        .stop_sandbox(&c, req!(StopSandboxRequest))
         .await
         .unwrap();
     waiter
-        .shutdown_sandbox(
-            &c,
-            ShutdownSandboxRequest {
-                sandbox_id: "sb1".into(),
-                ..Default::default()
-            },
-        )
+        .shutdown_sandbox(&c, req!(ShutdownSandboxRequest))
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(5), exit.wait())
@@ -337,26 +213,14 @@ async fn a_vm_that_dies_ends_the_sandbox_with_status_255() {
     h.sandbox.declare_dead("test: the guest panicked");
     let waited = tokio::time::timeout(
         Duration::from_secs(10),
-        s.wait_sandbox(
-            &c,
-            WaitSandboxRequest {
-                sandbox_id: "sb1".into(),
-                ..Default::default()
-            },
-        ),
+        s.wait_sandbox(&c, req!(WaitSandboxRequest)),
     )
     .await
     .expect("Wait returns when the VM dies")
     .unwrap();
     assert_eq!(waited.exit_status, 255);
     let status = s
-        .sandbox_status(
-            &c,
-            SandboxStatusRequest {
-                sandbox_id: "sb1".into(),
-                ..Default::default()
-            },
-        )
+        .sandbox_status(&c, req!(SandboxStatusRequest))
         .await
         .unwrap();
     assert_eq!(status.state, "SANDBOX_NOTREADY");
