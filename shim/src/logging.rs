@@ -52,7 +52,13 @@ pub fn open_log_fifo() -> std::io::Result<File> {
 /// the serving shim).
 pub fn init_shim(action: &str, debug: bool, configured_level: &str) {
     let filter = filter(configured_level, debug);
-    let builder = tracing_subscriber::fmt().with_ansi(false).with_target(true);
+    // A span's creation is logged with its fields: each task and sandbox
+    // call (`#[tracing::instrument]`) shows up once as it arrives, and the
+    // events inside it carry its name and fields.
+    let builder = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_target(true)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::NEW);
     let _ = match action {
         "delete" => builder
             .with_env_filter(EnvFilter::new("warn"))

@@ -289,20 +289,20 @@ impl TaskService {
 
 #[async_trait]
 impl Task for TaskService {
+    #[tracing::instrument(name = "Create", level = "info", skip_all, fields(container = %req.id, bundle = %req.bundle, terminal = req.terminal))]
     async fn create(
         &self,
         _ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
-        tracing::info!(container = %req.id, bundle = %req.bundle, terminal = req.terminal, "Create");
         let id = req.id.clone();
         let r = self.do_create(req).await;
         log_result("Create", &id, "", &r);
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "Start", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id))]
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
-        tracing::info!(container = %req.id, exec = %req.exec_id, "Start");
         let r = async {
             let sb = self.pod.find(&req.id)?;
             let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
@@ -322,8 +322,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "Exec", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id, terminal = req.terminal))]
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        tracing::info!(container = %req.id, exec = %req.exec_id, terminal = req.terminal, "Exec");
         let r = async {
             let sb = self.pod.find(&req.id)?;
             let spec = any_json(&req.spec, "the exec process spec")?;
@@ -341,8 +341,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "Kill", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all))]
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        tracing::info!(container = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "Kill");
         let r = async {
             let sb = self.pod.find(&req.id)?;
             sb.kill(&req.id, &req.exec_id, req.signal, req.all).await?;
@@ -353,8 +353,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "Wait", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id))]
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
-        tracing::debug!(container = %req.id, exec = %req.exec_id, "Wait");
         let p = self.pod.find(&req.id)?.process(&req.id, &req.exec_id)?;
         let exit = p.wait().await;
         Ok(WaitResponse {
@@ -364,8 +364,8 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(name = "Delete", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id))]
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
-        tracing::info!(container = %req.id, exec = %req.exec_id, "Delete");
         let r = self.do_delete(&req).await;
         log_result("Delete", &req.id, &req.exec_id, &r);
         Ok(r?)
@@ -381,8 +381,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "Pause", level = "info", skip_all, fields(container = %req.id))]
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        tracing::info!(container = %req.id, "Pause");
         let r = async {
             self.pod.find(&req.id)?.pause(&req.id).await?;
             Ok(Empty::default())
@@ -392,8 +392,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "Resume", level = "info", skip_all, fields(container = %req.id))]
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        tracing::info!(container = %req.id, "Resume");
         let r = async {
             self.pod.find(&req.id)?.resume(&req.id).await?;
             Ok(Empty::default())
@@ -403,8 +403,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "Update", level = "info", skip_all, fields(container = %req.id))]
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        tracing::info!(container = %req.id, "Update");
         let r = async {
             let sb = self.pod.find(&req.id)?;
             let resources = any_json(&req.resources, "the resources")?;
@@ -422,8 +422,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "ResizePty", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id, width = req.width, height = req.height))]
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        tracing::debug!(container = %req.id, exec = %req.exec_id, width = req.width, height = req.height, "ResizePty");
         let r = async {
             self.pod
                 .find(&req.id)?
@@ -436,8 +436,8 @@ impl Task for TaskService {
         Ok(r?)
     }
 
+    #[tracing::instrument(name = "CloseIO", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id, stdin = req.stdin))]
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        tracing::debug!(container = %req.id, exec = %req.exec_id, stdin = req.stdin, "CloseIO");
         let r = async {
             if req.stdin {
                 self.pod
@@ -482,13 +482,13 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(name = "Shutdown", level = "info", skip_all, fields(container = %req.id, now = req.now))]
     async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
-        tracing::info!(container = %req.id, now = req.now, "Shutdown");
         if self.pod.teardown_if_unused().await {
-            tracing::info!("no containers left; the shim exits");
+            tracing::info!(after = %req.id, "no containers left; the shim exits");
             self.exit.signal();
         } else {
-            tracing::debug!("containers remain in the pod; the shim stays");
+            tracing::debug!(after = %req.id, "the pod still has containers (or its sandbox); the shim stays");
         }
         Ok(Empty::default())
     }
