@@ -176,7 +176,7 @@ impl TaskService {
         let (_, container) = tokio::spawn(async move { pod.create(new, setup).await })
             .await
             .map_err(|e| Error::Internal(anyhow::anyhow!("create task failed: {e}")))??;
-        tracing::info!(container = %req.id, took = ?started.elapsed(), "Create done");
+        tracing::info!(took = ?started.elapsed(), "Create done");
         Ok(CreateTaskResponse {
             pid: container.init.pid(),
             ..Default::default()
