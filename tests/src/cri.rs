@@ -729,10 +729,38 @@ pub fn exit_code_from_status(json: &str) -> Option<i32> {
     }
 }
 
-type WsSink = futures_util::stream::SplitSink<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    tokio_tungstenite::tungstenite::Message,
->;
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsSink = futures_util::stream::SplitSink<WsStream, tokio_tungstenite::tungstenite::Message>;
+
+/// Opens the CRI streaming server's WebSocket at `url` (http(s) becomes
+/// ws(s)) with the sub-protocol `protocol`, within 30 s.
+fn connect_websocket(cri: &Cri, url: &str, protocol: &str, what: &str) -> Result<WsStream> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ws_url = if let Some(rest) = url.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        url.to_string()
+    };
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .with_context(|| format!("{what} URL {url:?}"))?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse()?);
+    let _rt = cri.rt.enter();
+    let (ws, _resp) = cri
+        .rt
+        .block_on(tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio_tungstenite::connect_async(req),
+        ))
+        .with_context(|| format!("websocket connect to {ws_url} timed out"))?
+        .with_context(|| format!("websocket connect to {ws_url}"))?;
+    Ok(ws)
+}
 
 /// A streaming exec in progress: what arrived so far is collected in the
 /// background; stdin and terminal resizes go out on demand.
@@ -746,30 +774,8 @@ pub struct ExecSession<'a> {
 
 impl<'a> ExecSession<'a> {
     fn connect(cri: &'a Cri, url: &str) -> Result<Self> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::Message;
-        let ws_url = if let Some(rest) = url.strip_prefix("http://") {
-            format!("ws://{rest}")
-        } else if let Some(rest) = url.strip_prefix("https://") {
-            format!("wss://{rest}")
-        } else {
-            url.to_string()
-        };
-        let mut req = ws_url
-            .as_str()
-            .into_client_request()
-            .with_context(|| format!("exec URL {url:?}"))?;
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", EXEC_PROTOCOL.parse()?);
-        let _rt = cri.rt.enter();
-        let (ws, _resp) = cri
-            .rt
-            .block_on(tokio::time::timeout(
-                Duration::from_secs(30),
-                tokio_tungstenite::connect_async(req),
-            ))
-            .with_context(|| format!("websocket connect to {ws_url} timed out"))?
-            .with_context(|| format!("websocket connect to {ws_url}"))?;
+        let ws = connect_websocket(cri, url, EXEC_PROTOCOL, "exec")?;
         let (sink, mut stream) = ws.split();
         let out = Arc::new(Mutex::new(StreamOutput::default()));
         let o = out.clone();
@@ -959,27 +965,8 @@ pub struct PortForwardSession<'a> {
 
 impl<'a> PortForwardSession<'a> {
     fn connect(cri: &'a Cri, url: &str, ports: &[u16]) -> Result<Self> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::Message;
-        let ws_url = url
-            .strip_prefix("http://")
-            .map(|rest| format!("ws://{rest}"))
-            .unwrap_or_else(|| url.to_string());
-        let mut req = ws_url
-            .as_str()
-            .into_client_request()
-            .with_context(|| format!("port-forward URL {url:?}"))?;
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", PORT_FORWARD_PROTOCOL.parse()?);
-        let _rt = cri.rt.enter();
-        let (ws, _resp) = cri
-            .rt
-            .block_on(tokio::time::timeout(
-                Duration::from_secs(30),
-                tokio_tungstenite::connect_async(req),
-            ))
-            .with_context(|| format!("websocket connect to {ws_url} timed out"))?
-            .with_context(|| format!("websocket connect to {ws_url}"))?;
+        let ws = connect_websocket(cri, url, PORT_FORWARD_PROTOCOL, "port-forward")?;
         let (sink, mut stream) = ws.split();
         let state = Arc::new(Mutex::new(PortForwardState {
             ports: ports
