@@ -11,64 +11,48 @@
 //! - [`client`]: host-side helpers to wrap an already-connected stream into
 //!   a client.
 
-/// Generated protobuf messages of `agent.proto`.
-#[allow(
-    unknown_lints,
-    clippy::all,
-    clippy::pedantic,
-    unused_attributes,
-    dead_code,
-    missing_docs,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    trivial_casts,
-    unused_results,
-    unused_mut
-)]
-pub mod agent {
-    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+/// A module of generated code in `$OUT_DIR`, exempt from the lints the
+/// generator does not follow.
+macro_rules! generated {
+    ($(#[$doc:meta])* $name:ident, $file:literal) => {
+        $(#[$doc])*
+        #[allow(
+            unknown_lints,
+            clippy::all,
+            clippy::pedantic,
+            unused_attributes,
+            dead_code,
+            missing_docs,
+            non_camel_case_types,
+            non_snake_case,
+            non_upper_case_globals,
+            trivial_casts,
+            unused_results,
+            unused_mut,
+            unused_imports
+        )]
+        pub mod $name {
+            include!(concat!(env!("OUT_DIR"), "/", $file));
+        }
+    };
 }
 
-/// Generated async ttrpc client and server glue of `agent.proto`.
-#[allow(
-    unknown_lints,
-    clippy::all,
-    clippy::pedantic,
-    unused_attributes,
-    dead_code,
-    missing_docs,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    trivial_casts,
-    unused_results,
-    unused_mut,
-    unused_imports
-)]
-pub mod agent_ttrpc {
-    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
-}
-
-/// The part of the CRI `runtime.v1.PodSandboxConfig` Ember reads, as
-/// containerd 2.x's CreateSandbox carries it (`cri_pod.proto`).
-#[allow(
-    unknown_lints,
-    clippy::all,
-    clippy::pedantic,
-    unused_attributes,
-    dead_code,
-    missing_docs,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    trivial_casts,
-    unused_results,
-    unused_mut
-)]
-pub mod cri_pod {
-    include!(concat!(env!("OUT_DIR"), "/cri_pod.rs"));
-}
+generated!(
+    /// Generated protobuf messages of `agent.proto`.
+    agent,
+    "agent.rs"
+);
+generated!(
+    /// Generated async ttrpc client and server glue of `agent.proto`.
+    agent_ttrpc,
+    "agent_ttrpc.rs"
+);
+generated!(
+    /// The part of the CRI `runtime.v1.PodSandboxConfig` Ember reads, as
+    /// containerd 2.x's CreateSandbox carries it (`cri_pod.proto`).
+    cri_pod,
+    "cri_pod.rs"
+);
 
 pub mod client;
 pub mod port_forward;
