@@ -34,7 +34,6 @@ use tokio::sync::watch;
 use crate::error::{Error, Result};
 use crate::events;
 use crate::metrics;
-use crate::resources::port_forward;
 use crate::task::pod::Pod;
 
 /// containerd's CRI reads these states (`runtime.v1.PodSandboxState`).
@@ -112,21 +111,19 @@ impl SandboxService {
             "CreateSandbox: booting the pod's VM"
         );
         let pod = self.pod.clone();
-        let setup = asked.setup.clone();
-        let cgroup_spec = asked.cgroup_spec.clone();
+        let (setup, cgroup_spec) = (asked.setup, asked.cgroup_spec);
+        let hostname = setup.hostname.clone().unwrap_or_default();
         // On its own task: containerd dropping the call must not cut a
         // boot in half.
         let sandbox = tokio::spawn(async move { pod.boot_held(setup, &cgroup_spec).await })
             .await
             .map_err(|e| Error::Internal(anyhow::anyhow!("CreateSandbox task failed: {e}")))??;
         // kubectl port-forward: the ports the pod declares.
-        let mut ports = asked.ports.clone();
-        ports.extend(port_forward::ports_of_annotations(&asked.annotations).unwrap_or_default());
-        sandbox.forward_ports(&ports).await;
+        sandbox.forward_ports(&asked.ports).await;
         let record = Arc::new(Record {
             created_at: SystemTime::now(),
             pod_name: asked.pod_name,
-            hostname: asked.hostname,
+            hostname,
             ended: watch::channel(None).0,
         });
         *self.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use crate::annotations;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::resources::port_forward;
 use crate::resources::sizing::{check_fits_host, size_vm, HostResources, WorkloadLimits};
 use crate::sandbox::SandboxSetup;
 use crate::task::HOST_NETWORK_REFUSED;
@@ -33,10 +34,9 @@ pub struct PodRequest {
     pub cgroup_spec: Value,
     /// `namespace/name` of the Kubernetes pod, for logs and status.
     pub pod_name: String,
-    pub hostname: String,
-    /// Container ports the pod declares (CRI port mappings).
+    /// Ports `kubectl port-forward` may reach: the CRI port mappings and
+    /// the pod's port-forward annotations.
     pub ports: Vec<u16>,
-    pub annotations: HashMap<String, String>,
 }
 
 /// The CRI config in `req.options`: an `Any` of `runtime.v1.PodSandboxConfig`
@@ -110,20 +110,19 @@ pub fn from_create_request(
     };
     let parent = linux.map(|l| l.cgroup_parent.as_str()).unwrap_or_default();
     let metadata = cri.metadata.as_ref();
-    let ports = cri
+    let mut ports: Vec<u16> = cri
         .port_mappings
         .iter()
         .filter_map(|m| u16::try_from(m.container_port).ok())
         .filter(|p| *p != 0)
         .collect();
+    ports.extend(port_forward::ports_of_annotations(&ann).map_err(Error::invalid)?);
     Ok(PodRequest {
         cgroup_spec: cgroup_spec(parent, &req.sandbox_id),
         pod_name: metadata
             .map(|m| format!("{}/{}", m.namespace, m.name))
             .unwrap_or_default(),
-        hostname: cri.hostname.clone(),
         ports,
-        annotations: ann,
         setup,
     })
 }
@@ -244,10 +243,7 @@ mod tests {
             r.cgroup_spec["linux"]["cgroupsPath"],
             "/kubepods/burstable/pod-uid/sb1"
         );
-        assert_eq!(
-            (r.pod_name.as_str(), r.hostname.as_str()),
-            ("prod/web", "web-1")
-        );
+        assert_eq!(r.pod_name, "prod/web");
         assert_eq!(
             r.setup.hostname.as_deref(),
             Some("web-1"),
@@ -258,6 +254,17 @@ mod tests {
         let e = from_create_request(&request(&bad), "k8s.io", &config).unwrap_err();
         assert!(e.to_string().contains("not a valid host name"), "{e}");
         assert_eq!(r.ports, [8080]);
+        let mut annotated = pod(NamespaceMode::POD, NamespaceMode::CONTAINER);
+        annotated
+            .annotations
+            .insert("io.ember.port_forward".into(), "9090".into());
+        let r = from_create_request(&request(&annotated), "k8s.io", &config).unwrap();
+        assert_eq!(r.ports, [8080, 9090], "mappings, then the annotation's");
+        annotated
+            .annotations
+            .insert("io.ember.port_forward".into(), "not-a-port".into());
+        let e = from_create_request(&request(&annotated), "k8s.io", &config).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{e}");
     }
 
     #[test]
