@@ -401,12 +401,9 @@ fn move_pid(dir: &Path, pid: u32) -> anyhow::Result<()> {
         .with_context(|| format!("moving pid {pid} into {}", dir.display()))
 }
 
+/// Removes `dir` now (no waiting for tasks to leave).
 fn remove_dir(dir: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing cgroup {}", dir.display())),
-    }
+    remove_when_empty(dir, Instant::now())
 }
 
 /// What a pod's VM uses on the host ([`HostCgroup::usage`]).
