@@ -406,19 +406,15 @@ fn failing_create(
         "createRuntime": [f.hook("hook.sh", &["createRuntime", &dir]), bad],
         "poststop": [f.hook("hook.sh", &["poststop", &dir])],
     });
-    let config = f.spec(ctrd, case, hooks)?;
-    let config = config.display().to_string();
     let t0 = Instant::now();
-    let out = ctrd.ctr_timeout(
-        &["run", "--runtime", EMBER_RUNTIME, "--config", &config, id],
-        BOOT_TIMEOUT,
-    );
-    let _ = ctrd.ctr(&["containers", "delete", id]);
-    ensure!(
-        !out.success(),
-        "ctr run succeeded despite a failing createRuntime hook"
-    );
-    let err = out.stderr_str();
+    let err = run_refused(
+        f,
+        ctrd,
+        case,
+        id,
+        hooks,
+        "ctr run succeeded despite a failing createRuntime hook",
+    )?;
     ensure!(
         err.contains(want),
         "the error does not name the failed hook: {err}"
@@ -467,6 +463,28 @@ fn failing_create(
     Ok(())
 }
 
+/// `ctr run` of case `case`'s spec with `hooks`, which must fail
+/// (`unexpected` otherwise); the container record is deleted either way.
+/// Returns ctr's stderr.
+fn run_refused(
+    f: &Fixture,
+    ctrd: &Containerd,
+    case: &str,
+    id: &str,
+    hooks: Value,
+    unexpected: &str,
+) -> Result<String> {
+    let config = f.spec(ctrd, case, hooks)?;
+    let config = config.display().to_string();
+    let out = ctrd.ctr_timeout(
+        &["run", "--runtime", EMBER_RUNTIME, "--config", &config, id],
+        BOOT_TIMEOUT,
+    );
+    let _ = ctrd.ctr(&["containers", "delete", id]);
+    ensure!(!out.success(), "{unexpected}");
+    Ok(out.stderr_str())
+}
+
 /// A hook that would have to run inside the guest is refused before
 /// anything runs.
 fn refused_create_container_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
@@ -476,18 +494,14 @@ fn refused_create_container_hook(f: &Fixture, ctrd: &Containerd) -> Result<()> {
         "createRuntime": [f.hook("hook.sh", &["createRuntime", &dir])],
         "createContainer": [f.hook("hook.sh", &["createContainer", &dir])],
     });
-    let config = f.spec(ctrd, "incontainer", hooks)?;
-    let config = config.display().to_string();
-    let out = ctrd.ctr_timeout(
-        &["run", "--runtime", EMBER_RUNTIME, "--config", &config, id],
-        BOOT_TIMEOUT,
-    );
-    let _ = ctrd.ctr(&["containers", "delete", id]);
-    ensure!(
-        !out.success(),
-        "ctr run succeeded with a createContainer hook"
-    );
-    let err = out.stderr_str();
+    let err = run_refused(
+        f,
+        ctrd,
+        "incontainer",
+        id,
+        hooks,
+        "ctr run succeeded with a createContainer hook",
+    )?;
     ensure!(
         err.contains("createContainer hook") && err.contains("inside the pod's VM"),
         "{err}"
