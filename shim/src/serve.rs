@@ -1,5 +1,6 @@
 //! The serving shim's ttrpc server: containerd's Task service and its
-//! Sandbox API service on one socket, for one pod.
+//! Sandbox API service on one socket, for one pod. The task service
+//! answers under task API v2's name and v3's.
 //!
 //! containerd-shim 0.11's `run` registers the task service only, so the
 //! serving path is Ember's own (as `start` is, see [`crate::start`]); the
@@ -10,6 +11,7 @@
 //! SIGTERM and SIGINT logged and otherwise ignored (containerd ends a shim
 //! through Shutdown), and the socket removed on exit.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use containerd_shim::{Flags, Shim};
 use containerd_shim_protos::sandbox_async::create_sandbox;
 use containerd_shim_protos::shim_async::create_task;
 use containerd_shim_protos::ttrpc::r#async::transport::Listener;
-use containerd_shim_protos::ttrpc::r#async::Server;
+use containerd_shim_protos::ttrpc::r#async::{Server, Service};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::sandbox_service::SandboxService;
@@ -76,6 +78,19 @@ fn signal_server_started() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The task service under task API v3's name: v3 is v2's service and
+/// messages in the package `containerd.task.v3` (same fields, same wire
+/// form), so only the service name differs. `start` answers version 3 to
+/// a containerd that says it speaks it ([`crate::start::Reply`]).
+fn task_api_v3(v2: HashMap<String, Service>) -> HashMap<String, Service> {
+    v2.into_iter()
+        .map(|(name, service)| (name.replace(TASK_V2_PACKAGE, TASK_V3_PACKAGE), service))
+        .collect()
+}
+
+const TASK_V2_PACKAGE: &str = "containerd.task.v2.";
+const TASK_V3_PACKAGE: &str = "containerd.task.v3.";
+
 /// Serves the pod until the shim is told to exit.
 pub async fn serve(runtime_id: &str, flags: Flags) -> anyhow::Result<()> {
     let ttrpc_address =
@@ -104,9 +119,11 @@ pub async fn serve(runtime_id: &str, flags: Flags) -> anyhow::Result<()> {
     let sandbox = SandboxService::new(task.pod(), task.exit_signal());
     let listener = Listener::try_from(listener.into_std().context("listener")?)
         .context("creating the ttrpc listener")?;
+    let task = Arc::new(task);
     let mut server = Server::new()
         .add_listener(listener)
-        .register_service(create_task(Arc::new(task)))
+        .register_service(create_task(task.clone()))
+        .register_service(task_api_v3(create_task(task)))
         .register_service(create_sandbox(Arc::new(sandbox)));
     server.start().await.context("starting the ttrpc server")?;
     signal_server_started()?;

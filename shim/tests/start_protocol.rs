@@ -7,7 +7,8 @@
 //! is faked: its ttrpc socket is a listening Unix socket nobody answers
 //! (the serving shim only connects to it to publish events). The reply is
 //! decoded with `protoc --decode`, and the shim is then reached at the
-//! address it printed with the task API v2 (`Connect`, `Shutdown`).
+//! address it printed with the task API it answered (v3 `Connect` where it
+//! answered version 3; v2 `Connect`, `Shutdown`).
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
@@ -15,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use containerd_shim_protos::api::{ConnectRequest, ShutdownRequest};
+use containerd_shim_protos::api::{ConnectRequest, ConnectResponse, ShutdownRequest};
+use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim_sync::{Client, TaskClient};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-ember-v2");
@@ -112,6 +114,11 @@ impl FakeContainerd {
     /// Runs `start` as containerd 2.3 does (legacy flags and environment
     /// too) with `stdin`; returns (exit ok, stdout, stderr).
     fn start(&self, id: &str, stdin: &[u8]) -> (bool, Vec<u8>, String) {
+        self.start_saying(id, stdin, "2")
+    }
+
+    /// [`Self::start`] with `MAX_SHIM_VERSION=max` (2.3 still says 2).
+    fn start_saying(&self, id: &str, stdin: &[u8], max: &str) -> (bool, Vec<u8>, String) {
         let mut child = Command::new(SHIM)
             .args([
                 "-namespace",
@@ -127,7 +134,7 @@ impl FakeContainerd {
             .current_dir(self.path("bundle"))
             .env("TTRPC_ADDRESS", self.path("containerd.sock.ttrpc"))
             .env("EMBER_CONFIG", self.path("ember.toml"))
-            .env("MAX_SHIM_VERSION", "2")
+            .env("MAX_SHIM_VERSION", max)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -160,9 +167,36 @@ impl FakeContainerd {
     }
 }
 
-/// Reaches the shim at `address` with the task API v2, then shuts it down.
+/// Calls `Connect` on task API v3 (`containerd.task.v3.Task`, the v2
+/// messages in another package): the request containerd 2.x's v3 client
+/// sends.
+fn connect_v3(client: &Client, id: &str) -> ConnectResponse {
+    let mut req = ttrpc::Request::new();
+    req.set_service("containerd.task.v3.Task".into());
+    req.set_method("Connect".into());
+    req.set_timeout_nano(Duration::from_secs(10).as_nanos() as i64);
+    req.payload = ConnectRequest {
+        id: id.into(),
+        ..Default::default()
+    }
+    .write_to_bytes()
+    .unwrap();
+    let res = client.request(req).expect("Connect over task API v3");
+    ConnectResponse::parse_from_bytes(&res.payload).expect("a v3 ConnectResponse")
+}
+
+/// Reaches the shim at `address` with the task API v2, and v3 when it
+/// answered version 3, then shuts it down.
 fn connect_and_shutdown(address: &str, id: &str) {
+    connect_and_shutdown_as(address, id, 2)
+}
+
+fn connect_and_shutdown_as(address: &str, id: &str, version: u32) {
     let client = Client::connect(address).expect("the shim serves at the address it printed");
+    if version == 3 {
+        let resp = connect_v3(&client, id);
+        assert!(resp.shim_pid > 0, "v3 shim pid {}", resp.shim_pid);
+    }
     let task = TaskClient::new(client);
     let ctx = || ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64);
     let resp = task
@@ -204,7 +238,7 @@ fn start_with_bootstrap_params_and_socket_dir_answers_a_bootstrap_result() {
     let reply = decode("BootstrapResult", &stdout);
     assert_eq!(
         text_field(&reply, "version").as_deref(),
-        Some("2"),
+        Some("3"),
         "{reply}"
     );
     assert_eq!(
@@ -217,7 +251,7 @@ fn start_with_bootstrap_params_and_socket_dir_answers_a_bootstrap_result() {
         address.starts_with(&format!("unix://{}/", socket_dir.display())),
         "{address} is not under socket_dir"
     );
-    connect_and_shutdown(&address, "pod-a");
+    connect_and_shutdown_as(&address, "pod-a", 3);
 }
 
 #[test]
@@ -280,6 +314,22 @@ fn start_with_stdin_it_does_not_understand_answers_the_plain_address() {
         "{address}"
     );
     connect_and_shutdown(&address, "pod-d");
+}
+
+/// A containerd 2.x that says `MAX_SHIM_VERSION=3` (2.0-2.2 say 2, and get
+/// the plain address, as `start_with_stdin_it_does_not_understand...`
+/// shows) gets JSON with version 3, and the shim answers task API v3.
+#[test]
+fn start_told_max_shim_version_3_answers_json_and_serves_task_api_v3() {
+    let fake = FakeContainerd::new();
+    let (ok, stdout, stderr) = fake.start_saying("pod-e", b"", "3");
+    assert!(ok, "start failed: {stderr}");
+    let reply: serde_json::Value = serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&stdout)));
+    assert_eq!(reply["version"], 3, "{reply}");
+    assert_eq!(reply["protocol"], "ttrpc", "{reply}");
+    let address = reply["address"].as_str().expect("address").to_string();
+    connect_and_shutdown_as(&address, "pod-e", 3);
 }
 
 #[test]

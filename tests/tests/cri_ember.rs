@@ -24,6 +24,10 @@
 //! died of SIGSEGV (README "Status and known issues": hosts without VT-x),
 //! so one such crash does not cost a whole second run of the suite.
 //!
+//! `EMBER_E2E_CRI_HANDLER=ember-sandbox-api` (containerd 2.x) runs the
+//! same cases with the pod VM as containerd's sandbox (`sandboxer =
+//! "shim"`), except the host-network pod, which crashes containerd 2.1.
+//!
 //! `EMBER_E2E_CRI_HANDLER=runc` runs the same cases under runc (the harness
 //! registers both handlers), which is how the test's own expectations are
 //! validated. Skipped, loudly, only when the handler is `ember` and /dev/kvm
@@ -41,7 +45,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ember_e2e::containerd::{
-    mounts_under, processes_mentioning, Containerd, Options, EMBER_STATE_DIR,
+    mounts_under, processes_mentioning, Containerd, Options, EMBER_SANDBOX_API_HANDLER,
+    EMBER_STATE_DIR,
 };
 use ember_e2e::cri::{
     self, add_mount, api, container_config, container_log_name, cri_error, log_text, pod_config,
@@ -701,7 +706,7 @@ fn err_text(e: &anyhow::Error) -> String {
 fn cri_ember_pods() {
     let handler =
         std::env::var("EMBER_E2E_CRI_HANDLER").unwrap_or_else(|_| EMBER_HANDLER.to_string());
-    let ember = handler == EMBER_HANDLER;
+    let ember = handler == EMBER_HANDLER || handler == EMBER_SANDBOX_API_HANDLER;
     if ember {
         if let Some(why) = missing_prerequisites() {
             let msg = format!(
@@ -1432,6 +1437,19 @@ fn cri_ember_pods() {
 
     // -- host network --------------------------------------------------------------
     s.case("bad: host-network pod", |s| {
+        if s.handler == EMBER_SANDBOX_API_HANDLER {
+            // containerd 2.1 dereferences a nil pointer (NewBundle) on a
+            // host-network pod under `sandboxer = "shim"`, before any shim
+            // is called, and the whole daemon dies (README, "The pod VM as
+            // containerd's sandbox"): this case would end the suite. The
+            // shim's refusal of such a pod is unit-tested
+            // (sandbox_service::pod_config).
+            println!(
+                "[cri_ember]   NOT RUN under {}: containerd 2.1 itself crashes on host-network pods with sandboxer = \"shim\"",
+                s.handler
+            );
+            return Ok(());
+        }
         let (config, _log_dir) = s.new_pod("hostnet", PodNetwork::Node)?;
         let t0 = Instant::now();
         let r = s.cri.run_pod_timeout(&config, &s.handler, HUGE_TIMEOUT);

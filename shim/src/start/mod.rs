@@ -15,8 +15,9 @@
 //! 3. find the pod's shim (one per pod, grouped like before) at its socket,
 //!    under `socket_dir` when containerd 2.3 gives one, or spawn it;
 //! 4. answer in the form this containerd reads ([`Reply`]): a
-//!    `BootstrapResult` (protobuf) to 2.3+, the plain address to the rest
-//!    (1.6, 1.7 and 2.0-2.2 read it as task API v2; 2.x bridges v2).
+//!    `BootstrapResult` (protobuf, task API v3) to 2.3+, JSON with version
+//!    3 to a containerd that says `MAX_SHIM_VERSION` >= 3, the plain
+//!    address (task API v2) to the rest: 1.6, and 1.7-2.2, which say 2.
 
 pub mod info;
 pub mod proto;
@@ -62,23 +63,41 @@ pub async fn intercept() -> Option<i32> {
     None
 }
 
+/// The task API version a containerd says it speaks at most
+/// (`MAX_SHIM_VERSION`; containerd 1.7-2.2 set 2, 1.6 nothing).
+pub const MAX_SHIM_VERSION_ENV: &str = "MAX_SHIM_VERSION";
+
+/// Task API v3: the v2 service under the package `containerd.task.v3`.
+/// The serving shim serves both ([`crate::serve`]).
+pub const TASK_API_V3: i32 = 3;
+
 /// What `start` prints, in the form its containerd reads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
-    /// The plain address: containerd 1.6-2.2 (task API v2).
+    /// The plain address: task API v2, the only form containerd 1.6 reads
+    /// and what 1.7-2.2 read when they say `MAX_SHIM_VERSION=2` (2.1.9
+    /// does, although it could use v3).
     Plain(String),
-    /// Protobuf `BootstrapResult`: containerd 2.3+.
+    /// JSON `{"version":3,"address":..,"protocol":"ttrpc"}`: a containerd
+    /// 2.x that says `MAX_SHIM_VERSION` 3 or more.
+    Json(BootstrapResult),
+    /// Protobuf `BootstrapResult` with version 3: containerd 2.3+, which
+    /// sent `BootstrapParams`.
     Bootstrap(BootstrapResult),
 }
 
 impl Reply {
-    pub fn for_input(input: &StartInput, address: String) -> Reply {
+    /// The reply for the containerd that sent `input` and said
+    /// `max_shim_version` (`None`: not said, or not a number).
+    pub fn for_input(input: &StartInput, address: String, max_shim_version: Option<i32>) -> Reply {
+        let v3 = || BootstrapResult {
+            version: TASK_API_V3,
+            address: address.clone(),
+            protocol: "ttrpc".into(),
+        };
         match input {
-            StartInput::Bootstrap(_) => Reply::Bootstrap(BootstrapResult {
-                version: 2,
-                address,
-                protocol: "ttrpc".into(),
-            }),
+            StartInput::Bootstrap(_) => Reply::Bootstrap(v3()),
+            _ if max_shim_version.is_some_and(|v| v >= TASK_API_V3) => Reply::Json(v3()),
             _ => Reply::Plain(address),
         }
     }
@@ -86,7 +105,27 @@ impl Reply {
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {
             Reply::Plain(a) => a.clone().into_bytes(),
+            Reply::Json(r) => serde_json::json!({
+                "version": r.version,
+                "address": r.address,
+                "protocol": r.protocol,
+            })
+            .to_string()
+            .into_bytes(),
             Reply::Bootstrap(r) => r.encode(),
+        }
+    }
+}
+
+/// `MAX_SHIM_VERSION` as containerd set it; anything else is logged and
+/// read as not said.
+fn max_shim_version() -> Option<i32> {
+    let value = std::env::var(MAX_SHIM_VERSION_ENV).ok()?;
+    match value.trim().parse() {
+        Ok(v) => Some(v),
+        Err(_) => {
+            tracing::warn!("{MAX_SHIM_VERSION_ENV}={value:?} is not a number: ignored");
+            None
         }
     }
 }
@@ -286,7 +325,7 @@ async fn run_start(
     tokio::fs::write(ADDRESS_FILE, &socket)
         .await
         .context("writing the address file")?;
-    Ok(Reply::for_input(input, socket))
+    Ok(Reply::for_input(input, socket, max_shim_version()))
 }
 
 /// The command-line value, else the bootstrap one.
@@ -308,6 +347,29 @@ mod tests {
         let crate_s =
             containerd_shim::socket_address("/run/containerd/containerd.sock", "k8s.io", "pod1");
         assert_eq!(ours, crate_s);
+    }
+
+    #[test]
+    fn each_containerd_gets_the_task_api_it_says_it_speaks() {
+        let addr = || "unix:///run/containerd/s/x".to_string();
+        // 1.6 (no MAX_SHIM_VERSION) and 1.7-2.2 (2): the plain address.
+        for max in [None, Some(2)] {
+            let reply = Reply::for_input(&StartInput::Empty, addr(), max);
+            assert_eq!(reply.to_bytes(), addr().into_bytes(), "{max:?}");
+        }
+        // A 2.x that says 3: JSON, which containerd 1.6 could not read.
+        let json = Reply::for_input(&StartInput::Empty, addr(), Some(3)).to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json["version"], 3);
+        assert_eq!(json["address"], addr());
+        assert_eq!(json["protocol"], "ttrpc");
+        // 2.3+ (BootstrapParams on stdin): protobuf, version 3, whatever
+        // MAX_SHIM_VERSION says.
+        let params = StartInput::Bootstrap(Box::default());
+        match Reply::for_input(&params, addr(), Some(2)) {
+            Reply::Bootstrap(r) => assert_eq!((r.version, r.address), (3, addr())),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
