@@ -68,7 +68,16 @@ fn containerd_2_drives_a_container_over_task_api_v3() {
     let runtime = runtime.to_str().unwrap();
 
     let run = ctrd.ctr_timeout(
-        &["run", "-d", "--runtime", runtime, BUSYBOX_IMAGE, ID, "sleep", "600"],
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            BUSYBOX_IMAGE,
+            ID,
+            "sleep",
+            "600",
+        ],
         RUN_TIMEOUT,
     );
     let bootstrap = ctrd
@@ -78,7 +87,16 @@ fn containerd_2_drives_a_container_over_task_api_v3() {
         .join("bootstrap.json");
     let recorded = std::fs::read_to_string(&bootstrap);
     let exec = ctrd.ctr_timeout(
-        &["task", "exec", "--exec-id", "e1", ID, "sh", "-c", "echo over-v3; exit 7"],
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            ID,
+            "sh",
+            "-c",
+            "echo over-v3; exit 7",
+        ],
         TASK_TIMEOUT,
     );
     let ps = ctrd.ctr_timeout(&["task", "ls"], TASK_TIMEOUT);
@@ -88,7 +106,8 @@ fn containerd_2_drives_a_container_over_task_api_v3() {
     let log = ctrd.log_tail(60);
     let report = ctrd.shutdown();
 
-    run.ok().unwrap_or_else(|e| panic!("ctr run over v3: {e:#}\n{log}"));
+    run.ok()
+        .unwrap_or_else(|e| panic!("ctr run over v3: {e:#}\n{log}"));
     let recorded = recorded.unwrap_or_else(|e| panic!("{}: {e}\n{log}", bootstrap.display()));
     let recorded: serde_json::Value = serde_json::from_str(&recorded).unwrap();
     assert_eq!(
@@ -101,7 +120,11 @@ fn containerd_2_drives_a_container_over_task_api_v3() {
         "exec over v3: {}",
         exec.describe()
     );
-    assert!(!exec.success(), "exit status 7 must reach ctr: {}", exec.describe());
+    assert!(
+        !exec.success(),
+        "exit status 7 must reach ctr: {}",
+        exec.describe()
+    );
     assert!(
         ps.stdout_str()
             .lines()

@@ -1,14 +1,15 @@
 //! The containerd Task service (task API v2) of the shim.
 //!
 //! Each method checks the request, finds the pod's sandbox and hands the
-//! work to it; errors carry the codes containerd expects (see
+//! work to it, translating messages with [`convert`]; errors carry the codes containerd expects (see
 //! [`crate::error`]). Calls that may take long (create boots the VM on this
 //! pod's first container) run the work on their own task, so that a client
 //! giving up on the call cannot leave a half-made container behind.
 
+pub mod convert;
 pub mod pod;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,22 +22,15 @@ use containerd_shim::api::{
     UpdateTaskRequest, WaitRequest, WaitResponse,
 };
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
-use containerd_shim_protos::protobuf::well_known_types::any::Any;
-use containerd_shim_protos::protobuf::{Message, MessageField};
-use containerd_shim_protos::shim::oci::ProcessDetails;
-use containerd_shim_protos::types::task::ProcessInfo;
 
 use self::pod::Pod;
 use crate::annotations;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::events::{self, EventSink};
-use crate::io::StdioPaths;
-use crate::metrics;
-use crate::resources::mount::MountRequest;
+use crate::events::EventSink;
 use crate::resources::network;
 use crate::resources::sizing::{check_fits_host, size_vm, HostResources, WorkloadLimits};
-use crate::sandbox::{NewContainer, SandboxSetup};
+use crate::sandbox::SandboxSetup;
 
 pub struct TaskService {
     pod: Arc<Pod>,
@@ -90,19 +84,6 @@ fn log_result<T>(method: &str, id: &str, exec_id: &str, r: &Result<T>) {
     }
 }
 
-/// The JSON inside an `Any` of containerd (exec process spec, update
-/// resources): containerd marshals OCI types as JSON.
-fn any_json(any: &MessageField<Any>, what: &str) -> Result<Vec<u8>> {
-    match any.as_ref() {
-        Some(a) if !a.value.is_empty() => {
-            serde_json::from_slice::<serde_json::Value>(&a.value)
-                .map_err(|e| Error::invalid(format!("{what} ({}) is not JSON: {e}", a.type_url)))?;
-            Ok(a.value.clone())
-        }
-        _ => Err(Error::invalid(format!("{what} is missing"))),
-    }
-}
-
 /// What a host-network pod is told.
 pub const HOST_NETWORK_REFUSED: &str = "host-network pods are not supported by the Ember runtime: \
     each pod runs in its own VM, which cannot share the node's network namespace; \
@@ -130,8 +111,7 @@ impl TaskService {
             ));
         }
         let config = self.pod.config().clone();
-        let bundle = PathBuf::from(&req.bundle);
-        let spec = read_bundle_spec(&bundle).await?;
+        let spec = read_bundle_spec(Path::new(&req.bundle)).await?;
         let ann = annotations::of_spec(&spec);
         let overrides = annotations::pod_overrides(&ann, &config)?;
         let limits = WorkloadLimits::from_spec(&spec);
@@ -149,26 +129,7 @@ impl TaskService {
             netns: network::netns_of_spec(&spec),
             hostname: None,
         };
-        let new = NewContainer {
-            id: req.id.clone(),
-            bundle,
-            spec,
-            rootfs: req
-                .rootfs
-                .iter()
-                .map(|m| MountRequest {
-                    fstype: m.type_.clone(),
-                    source: m.source.clone(),
-                    options: m.options.clone(),
-                })
-                .collect(),
-            stdio: StdioPaths {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            },
-        };
+        let new = convert::new_container(&req, spec);
         let started = Instant::now();
         let pod = self.pod.clone();
         // On its own task: containerd dropping the call must not cut a
@@ -211,79 +172,23 @@ impl TaskService {
         } else {
             sb.delete_exec(&req.id, &req.exec_id)?
         };
-        Ok(DeleteResponse {
-            pid,
-            exit_status: exit.status,
-            exited_at: MessageField::some(events::timestamp(exit.at)),
-            ..Default::default()
-        })
+        Ok(convert::delete_response(pid, exit))
     }
 
     async fn do_state(&self, req: &StateRequest) -> Result<StateResponse> {
         let (_, c) = self.pod.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        let exit = p.exit();
-        Ok(StateResponse {
-            id: p.event_id().to_string(),
-            bundle: c.bundle.display().to_string(),
-            pid: p.pid(),
-            status: p.status().to_task_status().into(),
-            stdin: p.stdio.stdin.clone(),
-            stdout: p.stdio.stdout.clone(),
-            stderr: p.stdio.stderr.clone(),
-            terminal: p.stdio.terminal,
-            exit_status: exit.map_or(0, |e| e.status),
-            exited_at: match exit {
-                Some(e) => MessageField::some(events::timestamp(e.at)),
-                None => MessageField::none(),
-            },
-            exec_id: req.exec_id.clone(),
-            ..Default::default()
-        })
+        Ok(convert::state_response(&c, &p, &req.exec_id))
     }
 
     async fn do_pids(&self, req: &PidsRequest) -> Result<PidsResponse> {
         let sb = self.pod.find(&req.id)?;
-        let pids = sb.pids(&req.id).await?;
-        let mut processes = Vec::with_capacity(pids.len());
-        for (pid, exec_id) in pids {
-            let info = match exec_id {
-                Some(exec_id) => {
-                    let details = ProcessDetails {
-                        exec_id,
-                        ..Default::default()
-                    };
-                    MessageField::some(Any {
-                        type_url: "containerd.runc.v1.ProcessDetails".into(),
-                        value: details.write_to_bytes().map_err(|e| {
-                            Error::Internal(anyhow::anyhow!("encoding process details: {e}"))
-                        })?,
-                        ..Default::default()
-                    })
-                }
-                None => MessageField::none(),
-            };
-            processes.push(ProcessInfo {
-                pid,
-                info,
-                ..Default::default()
-            });
-        }
-        Ok(PidsResponse {
-            processes,
-            ..Default::default()
-        })
+        convert::pids_response(sb.pids(&req.id).await?)
     }
 
     async fn do_stats(&self, req: &StatsRequest) -> Result<StatsResponse> {
         let sb = self.pod.find(&req.id)?;
-        let stats = sb.stats(&req.id).await?;
-        let any = metrics::to_any(&metrics::to_cgroup2(&stats))
-            .map_err(|e| Error::Internal(anyhow::anyhow!("encoding metrics: {e}")))?;
-        Ok(StatsResponse {
-            stats: MessageField::some(any),
-            ..Default::default()
-        })
+        convert::stats_response(&sb.stats(&req.id).await?)
     }
 }
 
@@ -326,13 +231,8 @@ impl Task for TaskService {
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
         let r = async {
             let sb = self.pod.find(&req.id)?;
-            let spec = any_json(&req.spec, "the exec process spec")?;
-            let stdio = StdioPaths {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            };
+            let spec = convert::any_json(&req.spec, "the exec process spec")?;
+            let stdio = convert::stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
             sb.add_exec(&req.id, &req.exec_id, stdio, spec).await?;
             Ok(Empty::default())
         }
@@ -356,12 +256,7 @@ impl Task for TaskService {
     #[tracing::instrument(name = "Wait", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id))]
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
         let p = self.pod.find(&req.id)?.process(&req.id, &req.exec_id)?;
-        let exit = p.wait().await;
-        Ok(WaitResponse {
-            exit_status: exit.status,
-            exited_at: MessageField::some(events::timestamp(exit.at)),
-            ..Default::default()
-        })
+        Ok(convert::wait_response(p.wait().await))
     }
 
     #[tracing::instrument(name = "Delete", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id))]
@@ -407,7 +302,7 @@ impl Task for TaskService {
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
         let r = async {
             let sb = self.pod.find(&req.id)?;
-            let resources = any_json(&req.resources, "the resources")?;
+            let resources = convert::any_json(&req.resources, "the resources")?;
             sb.update(&req.id, resources).await?;
             Ok(Empty::default())
         }
@@ -655,25 +550,6 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), s.exit.wait())
             .await
             .expect("exit signalled");
-    }
-
-    #[test]
-    fn json_anys() {
-        let ok = MessageField::some(Any {
-            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
-            value: br#"{"args":["sh"]}"#.to_vec(),
-            ..Default::default()
-        });
-        assert_eq!(
-            any_json(&ok, "spec").unwrap(),
-            br#"{"args":["sh"]}"#.to_vec()
-        );
-        let bad = MessageField::some(Any {
-            value: b"\x01\x02".to_vec(),
-            ..Default::default()
-        });
-        assert!(any_json(&bad, "spec").is_err());
-        assert!(any_json(&MessageField::none(), "spec").is_err());
     }
 
     #[test]
