@@ -16,19 +16,22 @@ export EMBER_KERNEL="${EMBER_KERNEL:-/var/lib/ember/vmlinux}"
 export EMBER_INITRD="${EMBER_INITRD:-/var/lib/ember/initrd.img}"
 # containerd 2.x (README "containerd versions"): deploy/containerd2.sh
 # fetches Debian's containerd 2.1.9 once into /var/cache/ember. Against it:
-# the harness with runc, the Sandbox API (cri_sandbox_api: 2.x only), and
-# the CRI suite (cri_ember); ctr_ember and ctr_templates against 2.1.9 too
-# with EMBER_CONTAINERD2_E2E=1 (CI time). The whole workspace below runs
-# against the system's containerd (Debian 12: 1.6.20).
+# the harness with runc, the ctr suites (ctr_ember, ctr_templates), task
+# API v3 (ctr_task_api_v3), the Sandbox API (cri_sandbox_api), and the CRI
+# suites (cri_ember, cri_portforward) under both sandboxers: `ember`
+# (podsandbox) and `ember-sandbox-api` (shim). The whole workspace below
+# runs against the system's containerd (Debian 12: 1.6.20).
 # EMBER_SKIP_CONTAINERD2=1 skips this part.
 if [ "${EMBER_SKIP_CONTAINERD2:-0}" != 1 ]; then
     containerd2="$(deploy/containerd2.sh)"
     echo "test.sh: end-to-end tests against $("$containerd2" --version)"
-    targets=(--test ctr_harness_runc --test cri_sandbox_api --test cri_ember)
-    if [ "${EMBER_CONTAINERD2_E2E:-0}" = 1 ]; then
-        targets+=(--test ctr_ember --test ctr_templates)
-    fi
-    EMBER_CONTAINERD="$containerd2" cargo test -p ember-e2e "${targets[@]}" \
+    EMBER_CONTAINERD="$containerd2" cargo test -p ember-e2e --no-fail-fast \
+        --test ctr_harness_runc --test ctr_ember --test ctr_templates \
+        --test ctr_task_api_v3 --test cri_sandbox_api --test cri_ember \
+        --test cri_portforward -- --test-threads=2 "$@"
+    echo "test.sh: the CRI suites against $("$containerd2" --version), sandboxer = \"shim\""
+    EMBER_CONTAINERD="$containerd2" EMBER_E2E_CRI_HANDLER=ember-sandbox-api \
+        cargo test -p ember-e2e --no-fail-fast --test cri_ember --test cri_portforward \
         -- --test-threads=2 "$@"
 fi
 # Cargo runs one test binary at a time: the end-to-end tests boot VMs that

@@ -151,7 +151,12 @@ async fn start(flags: Flags) -> i32 {
         Err(_) => "info".into(),
     };
     logging::init_shim("start", debug, &level);
-    tracing::info!(container = %flags.id, "start: stdin held {}", input.describe());
+    tracing::info!(
+        container = %flags.id,
+        max_shim_version = ?std::env::var(MAX_SHIM_VERSION_ENV).ok(),
+        "start: stdin held {}",
+        input.describe()
+    );
     let result = match selected {
         Ok(selected) => run_start(&flags, &input, &selected, debug).await,
         Err(e) => Err(e),
