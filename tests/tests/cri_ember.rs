@@ -504,15 +504,20 @@ fn ember_pod_dir(id: &str) -> PathBuf {
     Path::new(EMBER_STATE_DIR).join(CRI_NAMESPACE).join(id)
 }
 
-/// The network namespace path in the sandbox's OCI spec, if it has one.
+/// The pod's network namespace path, as containerd's verbose
+/// PodSandboxStatus reports it: the pause container's OCI spec
+/// (`podsandbox`), else `netNamespacePath` (`sandboxer = "shim"` has no
+/// pause container).
 fn sandbox_netns(cri: &Cri, pod_id: &str) -> Option<String> {
     let full = cri.pod_status_full(pod_id, true).ok()?;
     let v: serde_json::Value = serde_json::from_str(full.info.get("info")?).ok()?;
-    v.pointer("/runtimeSpec/linux/namespaces")?
-        .as_array()?
-        .iter()
-        .find(|n| n["type"] == "network")?["path"]
-        .as_str()
+    let from_spec = v
+        .pointer("/runtimeSpec/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .and_then(|n| n.iter().find(|n| n["type"] == "network"))
+        .and_then(|n| n["path"].as_str());
+    from_spec
+        .or_else(|| v["netNamespacePath"].as_str())
         .filter(|p| !p.is_empty())
         .map(str::to_string)
 }

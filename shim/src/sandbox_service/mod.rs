@@ -311,8 +311,19 @@ impl SandboxApi for SandboxService {
         _ctx: &TtrpcContext,
         req: ShutdownSandboxRequest,
     ) -> TtrpcResult<ShutdownSandboxResponse> {
-        let r = self.known(&req.sandbox_id)?;
-        self.stop(&r).await;
+        match self.known(&req.sandbox_id) {
+            Ok(r) => self.stop(&r).await,
+            // containerd's cleanup after a CreateSandbox that failed (a
+            // refused config, a boot that failed): nothing was made, and
+            // a shim left here would serve nothing forever.
+            Err(_) if req.sandbox_id == self.pod.id => {
+                if !self.pod.teardown_if_unused().await {
+                    tracing::warn!("ShutdownSandbox before any sandbox, with containers in the pod: the shim stays");
+                    return Ok(ShutdownSandboxResponse::default());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!("ShutdownSandbox: the shim exits");
         self.exit.signal();
         Ok(ShutdownSandboxResponse::default())

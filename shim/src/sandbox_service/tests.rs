@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_shim::{ExitSignal, TtrpcContext};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::sandbox_api::*;
 use containerd_shim_protos::sandbox_async::Sandbox as _;
 
@@ -99,8 +100,12 @@ async fn calls_for_unknown_sandboxes_are_not_found() {
         code(s.sandbox_metrics(&c, req!(SandboxMetricsRequest)).await),
         ttrpc::Code::NOT_FOUND
     );
+    let other_shutdown = ShutdownSandboxRequest {
+        sandbox_id: "other".into(),
+        ..Default::default()
+    };
     assert_eq!(
-        code(s.shutdown_sandbox(&c, req!(ShutdownSandboxRequest)).await),
+        code(s.shutdown_sandbox(&c, other_shutdown).await),
         ttrpc::Code::NOT_FOUND
     );
     // Another pod's id, after this one exists.
@@ -202,6 +207,36 @@ async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_s
     tokio::time::timeout(Duration::from_secs(5), exit.wait())
         .await
         .expect("ShutdownSandbox ends the shim");
+}
+
+/// containerd (`plugins/sandbox/controller.go`) answers a failed
+/// CreateSandbox with ShutdownSandbox, then deletes the shim's bundle: the
+/// shim must end, or it lives on serving nothing (found by `cri_ember`
+/// under `sandboxer = "shim"`: a pod refused for asking more than the host
+/// has left its shim behind).
+#[tokio::test]
+async fn shutdown_after_a_refused_create_ends_the_shim() {
+    let Some(h) = harness().await else { return };
+    let (s, pod, exit) = service(h.sandbox.clone());
+    let c = ctx();
+    let mut refused = create_request();
+    refused.options = Some(Any {
+        type_url: "runtime.v1.PodSandboxConfig".into(),
+        value: vec![0xff; 7],
+        ..Default::default()
+    })
+    .into();
+    assert_eq!(
+        code(s.create_sandbox(&c, refused).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert!(pod.sandbox().is_none(), "a refused create booted a VM");
+    s.shutdown_sandbox(&c, req!(ShutdownSandboxRequest))
+        .await
+        .expect("ShutdownSandbox after a failed create");
+    tokio::time::timeout(Duration::from_secs(5), exit.wait())
+        .await
+        .expect("the shim ends after a failed create's ShutdownSandbox");
 }
 
 #[tokio::test]
