@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, watch};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::Code;
 
+use super::process::{Process, Status};
 use super::*;
+use crate::config::Config;
 
 type Key = (String, String);
 /// A process: its pid and its exit status once it has one.
