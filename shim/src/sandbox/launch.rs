@@ -17,7 +17,8 @@ use super::oom::{self, OomTracker};
 use super::paths::SandboxPaths;
 use super::process::UNKNOWN_EXIT_STATUS;
 use super::teardown::cleanup_state;
-use super::{blocking, boot, template, unknown_exit, Sandbox, SandboxSetup, GUEST_CID, SHARE_TAG};
+use super::vm::VmLauncher;
+use super::{blocking, boot, unknown_exit, Sandbox, SandboxSetup, GUEST_CID, SHARE_TAG};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::EventSink;
@@ -100,12 +101,13 @@ pub(crate) fn prepare_state_dir(paths: &SandboxPaths) -> anyhow::Result<()> {
 }
 
 impl Sandbox {
-    /// Boots the pod's VM and connects to its agent. Everything created on
-    /// the way is undone on failure.
+    /// Brings the pod's VM up with `launcher` and connects to its agent.
+    /// Everything created on the way is undone on failure.
     pub async fn launch(
         config: Arc<Config>,
         events: EventSink,
         setup: SandboxSetup,
+        launcher: &dyn VmLauncher,
     ) -> Result<Arc<Sandbox>> {
         ocispec::check_id("namespace", &setup.namespace)?;
         let paths = SandboxPaths::new(&config.state_dir, &setup.namespace, &setup.id);
@@ -141,25 +143,24 @@ impl Sandbox {
             .hostname
             .clone()
             .unwrap_or_else(|| boot::pod_hostname(&setup.id));
-        let booted = match template::boot_or_restore(&config, vm_config, &hostname).await {
+        let launched = match launcher.launch(&config, vm_config, &hostname).await {
             Ok(launched) => {
-                tracing::info!(pod = %setup.id, "pod VM ready: {}", launched.report);
-                launched.booted
+                tracing::info!(pod = %setup.id, "pod VM ready: {}", launched.summary);
+                launched
             }
             Err(e) => {
                 let p = paths.clone();
                 let _ = blocking("cleaning up", move || cleanup_state(&p)).await;
-                return Err(Error::Internal(
-                    anyhow::Error::from(e).context("booting the pod's VM"),
-                ));
+                return Err(Error::Internal(e.context("booting the pod's VM")));
             }
         };
 
-        let agent = Agent::new(booted.agent, config.agent_timeout());
+        let agent = Agent::new(launched.agent, config.agent_timeout());
         let death = DeathSignal::default();
         let stopping = Arc::new(AtomicBool::new(false));
-        let vm = Arc::new(monitor::supervise(
-            booted.vm,
+        // From now on the VM's own end is the pod's death.
+        let vm_watch = tokio::spawn(monitor::watch_vm(
+            launched.vm.clone(),
             death.clone(),
             stopping.clone(),
             paths.console_log.display().to_string(),
@@ -178,15 +179,15 @@ impl Sandbox {
             id: setup.id.clone(),
             share: SharePaths::new(paths.mounts.clone()),
             paths,
-            boot: booted.report,
+            boot: launched.boot,
             agent,
             events,
             containers: RwLock::new(HashMap::new()),
             oom: Arc::new(OomTracker::default()),
             death,
             stopping,
-            vm,
-            background: Mutex::new(Vec::new()),
+            vm: launched.vm,
+            background: Mutex::new(vec![vm_watch]),
             network,
             port_forward,
         });

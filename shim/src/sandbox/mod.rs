@@ -17,7 +17,9 @@
 //!   `ember bench boot`);
 //! - [`agent`]: typed agent calls with deadlines;
 //! - [`container`], [`process`]: the registry of containers and processes;
-//! - [`monitor`]: VM supervision, death signal, agent health;
+//! - [`vm`]: the VM boundary (launch, wait, stop, memory), with the KVM
+//!   VMM behind it in [`kvm`];
+//! - [`monitor`]: the VM's death signal, agent health;
 //! - [`oom`]: the OOM event long poll;
 //! - [`paths`]: the pod's state directory layout;
 //! - [`template`]: restore the VM from a template, or boot it cold.
@@ -31,6 +33,9 @@ pub mod agent;
 pub mod boot;
 pub mod container;
 mod containers;
+#[cfg(test)]
+pub(crate) mod fake_vm;
+pub mod kvm;
 mod launch;
 pub mod monitor;
 pub mod oom;
@@ -40,6 +45,7 @@ pub mod process;
 mod processes;
 mod teardown;
 pub mod template;
+pub mod vm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -53,10 +59,11 @@ use tokio::task::JoinHandle;
 use self::agent::Agent;
 use self::boot::BootReport;
 use self::container::Container;
-use self::monitor::{DeathSignal, VmHandle};
+use self::monitor::DeathSignal;
 use self::oom::OomTracker;
 use self::paths::SandboxPaths;
 use self::process::{Exit, UNKNOWN_EXIT_STATUS};
+use self::vm::PodVm;
 use crate::error::{Error, Result};
 use crate::events::EventSink;
 use crate::io::StdioPaths;
@@ -131,7 +138,7 @@ pub struct Sandbox {
     oom: Arc<OomTracker>,
     death: DeathSignal,
     stopping: Arc<AtomicBool>,
-    vm: Arc<VmHandle>,
+    vm: Arc<dyn PodVm>,
     background: Mutex<Vec<JoinHandle<()>>>,
     /// The pod's CNI network, wired to the VM.
     network: Option<PodNetwork>,
@@ -155,16 +162,11 @@ impl Sandbox {
         self.death.reason()
     }
 
-    /// Tests: declares the VM dead, as its supervisor would.
-    #[cfg(test)]
-    pub(crate) fn declare_dead(&self, reason: &str) {
-        self.death.declare(reason);
-    }
-
     /// Waits until the VM is unusable (it ended, or its agent is gone) and
-    /// says why; a VM the shim stops itself never gets here.
+    /// says why; a VM the shim stops itself, or that powers off at the
+    /// shim's Shutdown, never gets here.
     pub async fn wait_dead(&self) -> String {
-        self.death.wait().await
+        self.death.wait_unexpected().await
     }
 
     fn ensure_alive(&self) -> Result<()> {
@@ -174,35 +176,6 @@ impl Sandbox {
             ))),
             None => Ok(()),
         }
-    }
-}
-
-/// Tests: a sandbox around an agent connection, without a VM.
-#[cfg(test)]
-impl Sandbox {
-    pub(crate) fn for_tests(paths: SandboxPaths, agent: Agent, events: EventSink) -> Arc<Sandbox> {
-        let sandbox = Arc::new(Sandbox {
-            id: "test-pod".into(),
-            share: SharePaths::new(paths.mounts.clone()),
-            paths,
-            boot: BootReport {
-                cpu_template: ember_vmm::CpuTemplate::Auto,
-                timings: Default::default(),
-                agent_ready: Duration::ZERO,
-            },
-            agent,
-            events,
-            containers: RwLock::new(HashMap::new()),
-            oom: Arc::new(OomTracker::default()),
-            death: DeathSignal::default(),
-            stopping: Arc::new(AtomicBool::new(false)),
-            vm: Arc::new(VmHandle::detached()),
-            background: Mutex::new(Vec::new()),
-            network: None,
-            port_forward: None,
-        });
-        sandbox.start_background();
-        sandbox
     }
 }
 

@@ -1,10 +1,9 @@
 //! Watching a pod's VM: its end (expected or not) and its agent's health.
 //!
-//! A supervisor task owns the `Vm`: when the guest ends on its own (reset,
-//! panic, vCPU failure), or the shim asks it to stop, it releases the VM
-//! (`Vm::shutdown`: threads, fds, guest memory) at once. An unexpected end
-//! is announced on the pod's death signal, which every process waiter
-//! watches: their tasks then exit with status 255.
+//! When the guest ends on its own (reset, panic, vCPU failure) its
+//! [`PodVm`] is released at once, and the end is announced on the pod's
+//! death signal, which every process waiter watches: their tasks then exit
+//! with status 255. A VM the shim stops itself is not a death.
 //!
 //! A VM whose agent stops answering is as good as dead: a periodic probe
 //! declares it so after [`HEALTH_FAILURES`] misses and stops the VM. The
@@ -13,14 +12,15 @@
 //! without VT-x, the guest clock falls behind by minutes, and exit times
 //! the agent reports come from it).
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ember_vmm::timing::BootClock;
-use ember_vmm::{ExitReason, Vm};
-use tokio::sync::{oneshot, watch};
+use ember_vmm::ExitReason;
+use tokio::sync::watch;
 
 use super::agent::Agent;
+use super::vm::PodVm;
 
 /// Interval between agent probes (clock syncs).
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
@@ -32,7 +32,14 @@ pub const HEALTH_FAILURES: u32 = 3;
 
 /// Why a pod's VM is unusable; set once.
 #[derive(Clone)]
-pub struct DeathSignal(watch::Sender<Option<String>>);
+pub struct DeathSignal(watch::Sender<Option<Death>>);
+
+#[derive(Clone)]
+struct Death {
+    reason: String,
+    /// The end of a shutdown the shim asked for, not a failure.
+    expected: bool,
+}
 
 impl Default for DeathSignal {
     fn default() -> Self {
@@ -44,10 +51,20 @@ impl DeathSignal {
     /// Records the reason (the first one wins). Returns whether this call
     /// recorded it.
     pub fn declare(&self, reason: impl Into<String>) -> bool {
-        let reason = reason.into();
+        self.record(reason.into(), false)
+    }
+
+    /// Records the end of a shutdown the shim asked for (the first one
+    /// wins): the VM is as unusable, but [`DeathSignal::wait_unexpected`]
+    /// does not return for it.
+    pub fn declare_expected(&self, reason: impl Into<String>) -> bool {
+        self.record(reason.into(), true)
+    }
+
+    fn record(&self, reason: String, expected: bool) -> bool {
         self.0.send_if_modified(|cur| {
             if cur.is_none() {
-                *cur = Some(reason);
+                *cur = Some(Death { reason, expected });
                 true
             } else {
                 false
@@ -56,123 +73,62 @@ impl DeathSignal {
     }
 
     pub fn reason(&self) -> Option<String> {
-        self.0.borrow().clone()
+        self.0.borrow().as_ref().map(|d| d.reason.clone())
     }
 
-    /// Resolves once the VM is declared dead.
+    /// Resolves once the VM is declared dead, expectedly or not.
     pub async fn wait(&self) -> String {
+        self.wait_death().await.reason
+    }
+
+    /// Resolves once the VM is declared dead without the shim asking for
+    /// it; never for the end of a shutdown.
+    pub async fn wait_unexpected(&self) -> String {
+        let death = self.wait_death().await;
+        if death.expected {
+            std::future::pending::<()>().await;
+        }
+        death.reason
+    }
+
+    async fn wait_death(&self) -> Death {
         let mut rx = self.0.subscribe();
-        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
-        match reason {
-            Ok(r) => r.unwrap_or_default(),
-            Err(_) => std::future::pending().await,
+        let death = rx.wait_for(Option::is_some).await.map(|d| d.clone());
+        match death {
+            Ok(Some(d)) => d,
+            _ => std::future::pending().await,
         }
     }
 }
 
-/// Control of a supervised VM.
-pub struct VmHandle {
-    stop: Mutex<Option<oneshot::Sender<()>>>,
-    done: watch::Receiver<Option<ExitReason>>,
-    clock: BootClock,
-}
-
-impl VmHandle {
-    /// Boot phase marks of the VM.
-    pub fn clock(&self) -> &BootClock {
-        &self.clock
-    }
-
-    /// Stops the VM (if it still runs) and waits until it is released.
-    /// Idempotent.
-    pub async fn stop(&self) -> ExitReason {
-        if let Some(tx) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = tx.send(());
-        }
-        let mut done = self.done.clone();
-        let reason = done.wait_for(Option::is_some).await.map(|r| r.clone());
-        reason.ok().flatten().unwrap_or(ExitReason::Stopped)
-    }
-
-    /// Tests: a handle with no VM behind it.
-    #[cfg(test)]
-    pub(crate) fn detached() -> VmHandle {
-        let (_tx, done) = watch::channel(Some(ExitReason::Stopped));
-        VmHandle {
-            stop: Mutex::new(None),
-            done,
-            clock: BootClock::default(),
-        }
-    }
-
-    /// Waits (at most `limit`) for the VM to end by itself; true if it did.
-    pub async fn wait_ended(&self, limit: Duration) -> bool {
-        let mut done = self.done.clone();
-        let ended = tokio::time::timeout(limit, async move {
-            let _ = done.wait_for(Option::is_some).await;
-        })
-        .await;
-        ended.is_ok()
-    }
-}
-
-/// Hands `vm` to a supervisor task. An end the shim did not ask for is
-/// declared on `death` with `expected` telling whether a shutdown is under
-/// way (then it is only logged at info level).
-pub fn supervise(
-    vm: Vm,
+/// Waits for the VM's end. An end the host did not ask for (the guest
+/// reset, powered off, panicked, or a vCPU failed) is declared on `death`,
+/// as expected if `expected` is set by then (a shutdown under way: the
+/// agent's Shutdown powers the guest off). A VM the host stopped is not
+/// declared: whoever stopped it knows.
+pub async fn watch_vm(
+    vm: Arc<dyn PodVm>,
     death: DeathSignal,
-    expected: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    expected: Arc<AtomicBool>,
     console: String,
-) -> VmHandle {
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (done_tx, done_rx) = watch::channel(None);
-    let clock = vm.clock().clone();
-    let supervisor = move || async move {
-        let ended = tokio::select! {
-            r = vm.wait() => Some(r),
-            _ = stop_rx => None,
-        };
-        if let Some(reason) = &ended {
-            if expected.load(std::sync::atomic::Ordering::SeqCst) {
-                tracing::info!("pod VM ended: {reason}");
-            } else {
-                tracing::error!("pod VM ended unexpectedly: {reason} (guest console: {console})");
-            }
-            death.declare(format!("the pod's VM ended: {reason}"));
-        }
-        let reason = vm.shutdown().await;
-        tracing::info!("pod VM released ({reason})");
-        let _ = done_tx.send(Some(ended.unwrap_or(reason)));
-    };
-    // `Vm` is not `Sync`, so a future borrowing it across an await cannot
-    // run on the multi-threaded runtime: the supervisor gets a thread and
-    // a single-threaded runtime of its own (it sleeps in epoll; no
-    // polling).
-    let thread = std::thread::Builder::new()
-        .name("ember-vm-watch".into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt.block_on(supervisor()),
-                Err(e) => tracing::error!("cannot run the VM supervisor: {e}"),
-            }
-        });
-    if let Err(e) = thread {
-        tracing::error!("cannot start the VM supervisor thread: {e}");
+) {
+    let reason = vm.wait().await;
+    if reason == ExitReason::Stopped {
+        return;
     }
-    VmHandle {
-        stop: Mutex::new(Some(stop_tx)),
-        done: done_rx,
-        clock,
+    let why = format!("the pod's VM ended: {reason}");
+    if expected.load(Ordering::SeqCst) {
+        tracing::info!("pod VM ended: {reason}");
+        death.declare_expected(why);
+    } else {
+        tracing::error!("pod VM ended unexpectedly: {reason} (guest console: {console})");
+        death.declare(why);
     }
 }
 
 /// Probes the agent until the VM is gone; declares it dead (and stops the
 /// VM) after too many misses.
-pub async fn watch_agent_health(agent: Agent, death: DeathSignal, vm: std::sync::Arc<VmHandle>) {
+pub async fn watch_agent_health(agent: Agent, death: DeathSignal, vm: Arc<dyn PodVm>) {
     let mut failures = 0;
     loop {
         tokio::select! {
@@ -214,5 +170,18 @@ mod tests {
         assert!(!d.declare("b"));
         assert_eq!(w.await.unwrap(), "a");
         assert_eq!(d.reason().as_deref(), Some("a"));
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_shutdown_is_a_death_but_not_an_unexpected_one() {
+        let d = DeathSignal::default();
+        assert!(d.declare_expected("powered off"));
+        assert!(!d.declare("b"), "the first reason wins");
+        assert_eq!(d.wait().await, "powered off");
+        let unexpected = tokio::time::timeout(Duration::from_millis(50), d.wait_unexpected()).await;
+        assert!(
+            unexpected.is_err(),
+            "a shutdown's end is not reported as a death"
+        );
     }
 }

@@ -48,10 +48,15 @@ impl Sandbox {
             pf.close();
         }
         let started = Instant::now();
+        // Read while the VM still runs, for the log line at the end.
+        let memory = self.vm.memory();
         if self.death.reason().is_none() {
             match self.agent.shutdown(SHUTDOWN_CALL).await {
                 Ok(_) => {
-                    if !self.vm.wait_ended(POWEROFF_GRACE).await {
+                    if tokio::time::timeout(POWEROFF_GRACE, self.vm.wait())
+                        .await
+                        .is_err()
+                    {
                         tracing::info!(
                             "the guest did not power off within {POWEROFF_GRACE:?}; stopping it"
                         );
@@ -85,6 +90,12 @@ impl Sandbox {
             }
             Err(e) => tracing::warn!("pod cleanup: {e}"),
         }
-        tracing::info!(pod = %self.id, took = ?started.elapsed(), "pod VM shut down ({reason})");
+        tracing::info!(
+            pod = %self.id,
+            took = ?started.elapsed(),
+            guest_mem_mib = memory.map(|m| m.size >> 20),
+            host_mem_mib = memory.map(|m| m.host_bytes >> 20),
+            "pod VM shut down ({reason})"
+        );
     }
 }

@@ -1,8 +1,11 @@
-//! The sandbox's process lifecycle against a mock agent (no VM): states,
-//! exits, the error codes containerd gets, OOM ordering, a lost agent.
+//! The sandbox's launch, process lifecycle and teardown against a mock
+//! agent and a fake hypervisor ([`super::fake_vm`]; no KVM): states, exits,
+//! the error codes containerd gets, OOM ordering, a lost agent, a VM that
+//! dies, a launch that fails, the order of teardown.
 //!
-//! Creating a container binds its rootfs into the share, which needs
-//! CAP_SYS_ADMIN: those tests are skipped when not run as root.
+//! Launching binds the pod's share and creating a container binds its
+//! rootfs into it, which needs CAP_SYS_ADMIN: those tests are skipped when
+//! not run as root.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,20 +14,23 @@ use std::time::Duration;
 
 use ember_proto::agent::*;
 use ember_proto::agent_ttrpc::{create_agent, Agent as AgentService};
-use ember_proto::client::AgentClient;
 use tokio::sync::{mpsc, watch};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::Code;
 
+use super::fake_vm::{note, FakeLauncher, FakeVm, Journal};
 use super::process::{Process, Status};
 use super::*;
 use crate::config::Config;
+use crate::resources::spec::GUEST_SHARED_DIR;
+use ember_vmm::ExitReason;
 
 type Key = (String, String);
 /// A process: its pid and its exit status once it has one.
 type MockProc = (u32, watch::Sender<Option<u32>>);
 
 /// An in-memory agent: processes "run" until signalled (or told to exit).
+/// Its Shutdown powers the guest off: the launcher's last VM ends.
 #[derive(Default)]
 struct MockAgent {
     procs: Mutex<HashMap<Key, MockProc>>,
@@ -32,6 +38,8 @@ struct MockAgent {
     specs: Mutex<Vec<serde_json::Value>>,
     updates: Mutex<Vec<(String, serde_json::Value)>>,
     oom_rx: tokio::sync::Mutex<Option<mpsc::Receiver<String>>>,
+    journal: Journal,
+    launcher: Option<Arc<FakeLauncher>>,
 }
 
 fn status(code: Code, msg: &str) -> ttrpc::Error {
@@ -241,6 +249,24 @@ impl AgentService for MockService {
         Ok(Empty::new())
     }
 
+    async fn add_mounts(&self, _: &TtrpcContext, req: AddMountsRequest) -> ttrpc::Result<Empty> {
+        for m in &req.mounts {
+            note(
+                &self.journal,
+                format!("agent: mount {} {} at {}", m.fstype, m.source, m.target),
+            );
+        }
+        Ok(Empty::new())
+    }
+
+    async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
+        note(&self.journal, "agent: shutdown");
+        if let Some(vm) = self.launcher.as_ref().and_then(|l| l.last_vm()) {
+            vm.die(ExitReason::GuestReset);
+        }
+        Ok(Empty::new())
+    }
+
     async fn get_oom_event(
         &self,
         _: &TtrpcContext,
@@ -260,62 +286,97 @@ impl AgentService for MockService {
     }
 }
 
-pub(crate) struct Harness {
+/// A mock agent serving on a Unix socket, a fake hypervisor whose VMs
+/// talk to it, and a config whose state directory is a temporary one.
+pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
     root: std::path::PathBuf,
     agent: Arc<MockAgent>,
-    pub(crate) sandbox: Arc<Sandbox>,
-    events: crate::events::Recorded,
+    pub(crate) launcher: Arc<FakeLauncher>,
+    pub(crate) journal: Journal,
+    pub(crate) config: Arc<Config>,
     oom_tx: mpsc::Sender<String>,
-    /// Aborting it cuts the shim's connection to the agent.
-    proxy: tokio::task::JoinHandle<()>,
     _server: ttrpc::r#async::Server,
 }
 
-/// Serves the mock agent on a Unix socket and connects the sandbox to it
-/// through a proxy the test can cut.
-pub(crate) async fn harness() -> Option<Harness> {
+/// A fixture whose launcher (it may fail or wait) and config are adjusted
+/// before they are shared.
+pub(crate) async fn fixture_with(
+    adjust: impl FnOnce(&mut FakeLauncher, &mut Config),
+) -> Option<Fixture> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
+    let journal = Journal::default();
+    let server_path = root.join("agent.sock");
+    let mut launcher = FakeLauncher::new(server_path.clone(), journal.clone());
+    let mut config = Config {
+        state_dir: root.join("state"),
+        agent_timeout_secs: 10,
+        ..Config::default()
+    };
+    adjust(&mut launcher, &mut config);
+    let launcher = Arc::new(launcher);
     let (oom_tx, oom_rx) = mpsc::channel(4);
     let agent = Arc::new(MockAgent {
         oom_rx: tokio::sync::Mutex::new(Some(oom_rx)),
+        journal: journal.clone(),
+        launcher: Some(launcher.clone()),
         ..Default::default()
     });
-    let server_path = root.join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&server_path).unwrap();
     let mut server = ttrpc::r#async::Server::new()
         .register_service(create_agent(Arc::new(MockService(agent.clone()))))
         .add_listener(listener.into());
     server.start().await.unwrap();
-
-    let (client_end, proxy_end) = tokio::net::UnixStream::pair().unwrap();
-    let proxy = tokio::spawn(async move {
-        let mut upstream = tokio::net::UnixStream::connect(&server_path).await.unwrap();
-        let mut proxy_end = proxy_end;
-        let _ = tokio::io::copy_bidirectional(&mut proxy_end, &mut upstream).await;
-    });
-    let client = AgentClient::from_stream(client_end);
-    let paths = SandboxPaths::new(&root.join("state"), "ns", "pod");
-    std::fs::create_dir_all(&paths.shared).unwrap();
-    let (events, recorded) = EventSink::recording();
-    let sandbox = Sandbox::for_tests(paths, Agent::new(client, Duration::from_secs(10)), events);
-    Some(Harness {
+    Some(Fixture {
         _dir: dir,
         root,
         agent,
-        sandbox,
-        events: recorded,
+        launcher,
+        journal,
+        config: Arc::new(config),
         oom_tx,
-        proxy,
         _server: server,
     })
 }
 
-impl Harness {
+pub(crate) async fn fixture() -> Option<Fixture> {
+    fixture_with(|_, _| {}).await
+}
+
+impl Fixture {
+    /// The setup of pod `id` in namespace `ns`.
+    pub(crate) fn setup(&self, ns: &str, id: &str) -> SandboxSetup {
+        SandboxSetup {
+            namespace: ns.into(),
+            id: id.into(),
+            size: VmSize {
+                vcpus: 1,
+                mem_mib: 128,
+            },
+            kernel_params: None,
+            netns: None,
+            hostname: None,
+        }
+    }
+
+    /// Where pod `id` of namespace `ns` keeps its state.
+    pub(crate) fn paths(&self, ns: &str, id: &str) -> SandboxPaths {
+        SandboxPaths::new(&self.config.state_dir, ns, id)
+    }
+
+    fn journal(&self) -> Vec<String> {
+        self.journal.lock().unwrap().clone()
+    }
+
+    /// The VM launched last.
+    pub(crate) fn vm(&self) -> Arc<FakeVm> {
+        self.launcher.last_vm().expect("a VM was launched")
+    }
+
     /// A bundle whose spec runs `args`.
     fn bundle(&self, id: &str, args: &[&str]) -> NewContainer {
         let bundle = self.root.join("bundles").join(id);
@@ -334,7 +395,63 @@ impl Harness {
             stdio: StdioPaths::default(),
         }
     }
+}
 
+impl Drop for Fixture {
+    /// Unmounts what a test left (a sandbox it did not shut down).
+    fn drop(&mut self) {
+        let state = &self.config.state_dir;
+        let pods = std::fs::read_dir(state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten());
+        for pod in pods {
+            let path = pod.path();
+            let (Some(ns), Some(id)) =
+                (path.parent().and_then(|p| p.file_name()), path.file_name())
+            else {
+                continue;
+            };
+            let paths = SandboxPaths::new(state, &ns.to_string_lossy(), &id.to_string_lossy());
+            let _ = cleanup_state(&paths);
+        }
+    }
+}
+
+/// A fixture with a sandbox launched on a fake VM, recording its events.
+pub(crate) struct Harness {
+    pub(crate) sandbox: Arc<Sandbox>,
+    events: crate::events::Recorded,
+    fixture: Fixture,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = Fixture;
+    fn deref(&self) -> &Fixture {
+        &self.fixture
+    }
+}
+
+pub(crate) async fn harness() -> Option<Harness> {
+    let fixture = fixture().await?;
+    let (events, recorded) = EventSink::recording();
+    let sandbox = Sandbox::launch(
+        fixture.config.clone(),
+        events,
+        fixture.setup("ns", "pod"),
+        fixture.launcher.as_ref(),
+    )
+    .await
+    .unwrap();
+    Some(Harness {
+        sandbox,
+        events: recorded,
+        fixture,
+    })
+}
+
+impl Harness {
     fn topics(&self, id: &str) -> Vec<String> {
         self.events
             .lock()
@@ -561,10 +678,10 @@ async fn a_lost_agent_ends_every_task_with_255_and_delete_still_works() {
         .await
         .unwrap();
 
-    h.proxy.abort();
+    h.vm().cut_agent();
     assert_eq!(wait_exit(&c1.init).await.status, UNKNOWN_EXIT_STATUS);
     // The created one has no waiter; the VM's end reaches it.
-    sb.death.declare("test: the VM ended");
+    h.vm().die(ExitReason::GuestReset);
     assert_eq!(wait_exit(&c2.init).await.status, UNKNOWN_EXIT_STATUS);
     assert_eq!(code(sb.start("c2", "").await), Code::FAILED_PRECONDITION);
     assert_eq!(code(sb.kill("c2", "", 9, false).await), Code::NOT_FOUND);
@@ -638,40 +755,28 @@ fn vm_config_of_a_pod() {
 /// boot answers at once instead of waiting for it.
 #[tokio::test]
 async fn a_create_abandoned_during_the_boot_is_undone_and_the_shim_exits() {
-    use crate::resources::sizing::VmSize;
     use crate::task::pod::Pod;
     use containerd_shim::ExitSignal;
 
-    let Some(h) = harness().await else { return };
     let boot_done = Arc::new(tokio::sync::Notify::new());
+    let gate = boot_done.clone();
+    let Some(f) = fixture_with(|l, _| l.gate = Some(gate)).await else {
+        return;
+    };
     let exit = Arc::new(ExitSignal::default());
-    let (sandbox, release) = (h.sandbox.clone(), boot_done.clone());
     let pod = Arc::new(Pod::with_launcher(
         "ns",
         "pod",
-        Arc::new(Config::default()),
+        f.config.clone(),
         EventSink::disabled(),
         exit.clone(),
-        Box::new(move |_, _, _| {
-            let (sandbox, release) = (sandbox.clone(), release.clone());
-            Box::pin(async move {
-                release.notified().await;
-                Ok(sandbox)
-            })
-        }),
+        f.launcher.clone(),
     ));
-    let setup = SandboxSetup {
-        namespace: "ns".into(),
-        id: "pod".into(),
-        size: VmSize {
-            vcpus: 1,
-            mem_mib: 128,
-        },
-        kernel_params: None,
-        netns: None,
-        hostname: None,
-    };
-    let (p, new) = (pod.clone(), h.bundle("c1", &["sleep", "1000"]));
+    let (p, new, setup) = (
+        pod.clone(),
+        f.bundle("c1", &["sleep", "1000"]),
+        f.setup("ns", "pod"),
+    );
     let create = tokio::spawn(async move { p.create(new, setup).await });
     while !pod.is_being_created("c1") {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -690,10 +795,248 @@ async fn a_create_abandoned_during_the_boot_is_undone_and_the_shim_exits() {
         .expect("the create ends once the boot does")
         .unwrap();
     assert_eq!(code(r), Code::FAILED_PRECONDITION);
-    assert!(!h.sandbox.has_container("c1"));
     assert!(pod.sandbox().is_none(), "the VM is torn down");
+    assert_eq!(f.vm().stops(), 1, "the VM is stopped once");
+    assert!(
+        !f.paths("ns", "pod").state_dir.exists(),
+        "the pod's state is gone"
+    );
     assert!(!pod.is_being_created("c1"));
     tokio::time::timeout(Duration::from_secs(5), exit.wait())
         .await
         .expect("the shim exits");
+}
+
+/// A pod whose VMs come from the fixture's fake hypervisor.
+fn fake_pod(f: &Fixture) -> Arc<crate::task::pod::Pod> {
+    Arc::new(crate::task::pod::Pod::with_launcher(
+        "ns",
+        "pod",
+        f.config.clone(),
+        EventSink::disabled(),
+        Arc::new(containerd_shim::ExitSignal::default()),
+        f.launcher.clone(),
+    ))
+}
+
+/// The guest dies by itself (a kernel panic): every process of the pod,
+/// running or never started, ends with 255; the pod says why, refuses new
+/// work with that reason, and its teardown does not talk to the dead agent.
+#[tokio::test]
+async fn a_vm_that_dies_on_its_own_ends_every_process_with_255_and_its_reason() {
+    let Some(h) = harness().await else { return };
+    let sb = &h.sandbox;
+    let c1 = sb
+        .create_container(h.bundle("c1", &["sleep", "1000"]))
+        .await
+        .unwrap();
+    sb.start("c1", "").await.unwrap();
+    sb.add_exec(
+        "c1",
+        "x1",
+        StdioPaths::default(),
+        br#"{"args":["sh"]}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+    sb.start("c1", "x1").await.unwrap();
+    let x1 = sb.process("c1", "x1").unwrap();
+    let c2 = sb
+        .create_container(h.bundle("c2", &["sleep", "1000"]))
+        .await
+        .unwrap();
+    assert!(sb.dead().is_none());
+
+    h.vm().die(ExitReason::GuestPanic(
+        "Kernel panic - not syncing: test".into(),
+    ));
+    for p in [&c1.init, &x1, &c2.init] {
+        assert_eq!(
+            wait_exit(p).await.status,
+            UNKNOWN_EXIT_STATUS,
+            "{}",
+            p.label()
+        );
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(5), sb.wait_dead())
+        .await
+        .expect("the death is reported");
+    assert_eq!(
+        reason,
+        "the pod's VM ended: guest kernel panic: Kernel panic - not syncing: test"
+    );
+    assert_eq!(sb.dead().as_deref(), Some(reason.as_str()));
+    let refused = sb.start("c2", "").await.expect_err("a dead pod refuses");
+    assert_eq!(refused.code(), Code::FAILED_PRECONDITION);
+    assert!(
+        refused.to_string().contains("guest kernel panic"),
+        "{refused}"
+    );
+    assert_eq!(
+        h.topics("c2"),
+        ["/tasks/create", "/tasks/exit"],
+        "the never-started task's exit is published"
+    );
+    assert_eq!(
+        h.topics("c1")
+            .iter()
+            .filter(|t| *t == "/tasks/exit")
+            .count(),
+        2,
+        "init and exec exits are published"
+    );
+    assert_eq!(h.vm().stops(), 0, "the VM released itself");
+
+    sb.delete_container("c1").await.unwrap();
+    sb.delete_container("c2").await.unwrap();
+    sb.shutdown().await;
+    assert!(
+        !h.journal().iter().any(|e| e == "agent: shutdown"),
+        "no Shutdown to a dead agent: {:?}",
+        h.journal()
+    );
+    assert_eq!(h.vm().stops(), 1);
+    assert!(!h.paths("ns", "pod").state_dir.exists());
+}
+
+/// A VM that cannot be brought up leaves nothing: no sandbox, no state
+/// directory, no create in progress, no hold of the Sandbox API, no host
+/// cgroup; the next create boots afresh.
+#[tokio::test]
+async fn a_failed_launch_leaves_nothing_behind() {
+    let Some(f) = fixture_with(|l, _| {
+        *l.fail.get_mut().unwrap() = Some("no KVM here".into());
+    })
+    .await
+    else {
+        return;
+    };
+    let pod = fake_pod(&f);
+    let e = pod
+        .create(f.bundle("c1", &["sleep"]), f.setup("ns", "pod"))
+        .await
+        .err()
+        .expect("the create fails");
+    assert_eq!(e.code(), Code::INTERNAL);
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("booting the pod's VM") && text.contains("no KVM here"),
+        "{text}"
+    );
+    assert_eq!(f.launcher.launches(), 1);
+    assert!(pod.sandbox().is_none());
+    assert!(!pod.is_being_created("c1"));
+    assert!(pod.host_cgroup_usage().is_none());
+    assert!(
+        !f.paths("ns", "pod").state_dir.exists(),
+        "state directory removed"
+    );
+
+    // The Sandbox API's create: the hold is released too.
+    let e = pod
+        .boot_held(f.setup("ns", "pod"), &serde_json::json!({}))
+        .await
+        .err()
+        .expect("CreateSandbox fails");
+    assert_eq!(e.code(), Code::INTERNAL);
+    assert!(!pod.is_held() && pod.sandbox().is_none());
+    assert!(!f.paths("ns", "pod").state_dir.exists());
+
+    // The pod still works once VMs can be launched.
+    *f.launcher.fail.lock().unwrap() = None;
+    let (sb, _) = pod
+        .create(f.bundle("c1", &["sleep"]), f.setup("ns", "pod"))
+        .await
+        .unwrap();
+    assert_eq!(f.launcher.launches(), 3);
+    sb.delete_container("c1").await.unwrap();
+    assert!(pod.teardown_if_unused().await);
+    assert_eq!(f.vm().stops(), 1);
+}
+
+/// The shim joins the pod's host cgroup only for a VM that runs in the
+/// shim, and before launching it: a cgroup that cannot be placed refuses
+/// the create before any VM is launched.
+#[tokio::test]
+async fn the_host_cgroup_is_placed_only_for_an_in_shim_vm_and_before_its_launch() {
+    let bad_parent = |c: &mut Config| c.cgroup_parent = "not/absolute".into();
+    let Some(f) = fixture_with(|l, c| {
+        l.in_shim = true;
+        bad_parent(c);
+    })
+    .await
+    else {
+        return;
+    };
+    let pod = fake_pod(&f);
+    let e = pod
+        .create(f.bundle("c1", &["sleep"]), f.setup("ns", "pod"))
+        .await
+        .err()
+        .expect("the create fails");
+    assert_eq!(e.code(), Code::INVALID_ARGUMENT);
+    assert!(e.to_string().contains("cgroup_parent"), "{e}");
+    assert_eq!(f.launcher.launches(), 0, "no VM launched");
+    assert!(pod.sandbox().is_none() && pod.host_cgroup_usage().is_none());
+    assert!(!f.paths("ns", "pod").state_dir.exists());
+
+    // A VM outside the shim: the cgroup is never looked at.
+    let Some(f) = fixture_with(|_, c| bad_parent(c)).await else {
+        return;
+    };
+    let pod = fake_pod(&f);
+    let (sb, _) = pod
+        .create(f.bundle("c1", &["sleep"]), f.setup("ns", "pod"))
+        .await
+        .unwrap();
+    assert!(pod.host_cgroup_usage().is_none());
+    sb.delete_container("c1").await.unwrap();
+    assert!(pod.teardown_if_unused().await);
+}
+
+/// StopSandbox with a container still running: the agent is asked to shut
+/// down, the guest powers off, the VM is stopped (released) once, and only
+/// then does the pod's share leave the host; the container's task ends
+/// with 255. A second StopSandbox (containerd retries) stops nothing.
+#[tokio::test]
+async fn teardown_powers_the_guest_off_stops_the_vm_once_then_removes_the_share() {
+    let Some(f) = fixture().await else { return };
+    let pod = fake_pod(&f);
+    pod.boot_held(f.setup("ns", "pod"), &serde_json::json!({}))
+        .await
+        .unwrap();
+    let (sb, c1) = pod
+        .create(f.bundle("c1", &["sleep", "1000"]), f.setup("ns", "pod"))
+        .await
+        .unwrap();
+    sb.start("c1", "").await.unwrap();
+    assert_eq!(f.launcher.launches(), 1, "the container joined the held VM");
+
+    pod.stop_held().await;
+    pod.stop_held().await;
+    assert_eq!(
+        f.journal(),
+        [
+            "vm launched: pod".to_string(),
+            format!("agent: mount virtiofs {SHARE_TAG} at {GUEST_SHARED_DIR}"),
+            "agent: shutdown".into(),
+            "vm ended: guest reset".into(),
+            "vm stop".into(),
+        ]
+    );
+    assert_eq!(f.vm().stops(), 1, "the VM is stopped exactly once");
+    assert_eq!(
+        f.vm().share_at_stop(),
+        Some(true),
+        "the share outlives the VM"
+    );
+    assert!(
+        !f.paths("ns", "pod").state_dir.exists(),
+        "the share is gone"
+    );
+    assert_eq!(wait_exit(&c1.init).await.status, UNKNOWN_EXIT_STATUS);
+    assert!(pod.sandbox().is_none() && !pod.is_held());
+    tokio::time::timeout(Duration::from_millis(100), sb.wait_dead())
+        .await
+        .expect_err("a VM powered off by the shim's Shutdown is not a death");
 }

@@ -1,6 +1,6 @@
-//! The Sandbox API's lifecycle against a pod whose VM is a stand-in: the
-//! sandbox harness's `Sandbox` (a mock agent over a Unix socket, no KVM),
-//! handed out by a fake launcher. What containerd's `shim` sandbox
+//! The Sandbox API's lifecycle against a pod whose VMs come from a fake
+//! hypervisor (the sandbox tests' fixture: a mock agent over a Unix
+//! socket, no KVM). What containerd's `shim` sandbox
 //! controller relies on: NOT_FOUND for ids the shim does not know, one
 //! create, the VM held while no container is in it, Wait returning when
 //! the sandbox ends (0 when stopped, 255 when the VM died), Shutdown
@@ -15,9 +15,8 @@ use containerd_shim_protos::sandbox_api::*;
 use containerd_shim_protos::sandbox_async::Sandbox as _;
 
 use super::SandboxService;
-use crate::config::Config;
 use crate::events::EventSink;
-use crate::sandbox::tests::harness;
+use crate::sandbox::tests::{fixture, Fixture};
 use crate::task::pod::Pod;
 
 /// A request of type `$t` for this shim's sandbox, `sb1`.
@@ -45,20 +44,17 @@ fn code<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> ttrpc::Code {
     }
 }
 
-/// A service over a pod whose launcher hands out `sandbox`, and the
-/// pod's exit signal.
-fn service(sandbox: Arc<crate::sandbox::Sandbox>) -> (SandboxService, Arc<Pod>, Arc<ExitSignal>) {
+/// A service over a pod whose VMs come from the fixture's fake
+/// hypervisor, and the pod's exit signal.
+fn service(f: &Fixture) -> (SandboxService, Arc<Pod>, Arc<ExitSignal>) {
     let exit = Arc::new(ExitSignal::default());
     let pod = Arc::new(Pod::with_launcher(
         "k8s.io",
         "sb1",
-        Arc::new(Config::default()),
+        f.config.clone(),
         EventSink::disabled(),
         exit.clone(),
-        Box::new(move |_, _, _| {
-            let sandbox = sandbox.clone();
-            Box::pin(async move { Ok(sandbox) })
-        }),
+        f.launcher.clone(),
     ));
     (SandboxService::new(pod.clone(), exit.clone()), pod, exit)
 }
@@ -69,8 +65,8 @@ fn create_request() -> CreateSandboxRequest {
 
 #[tokio::test]
 async fn calls_for_unknown_sandboxes_are_not_found() {
-    let Some(h) = harness().await else { return };
-    let (s, _, _) = service(h.sandbox.clone());
+    let Some(f) = fixture().await else { return };
+    let (s, _, _) = service(&f);
     let c = ctx();
     assert_eq!(
         code(s.start_sandbox(&c, req!(StartSandboxRequest)).await),
@@ -130,8 +126,8 @@ async fn calls_for_unknown_sandboxes_are_not_found() {
 
 #[tokio::test]
 async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_shim() {
-    let Some(h) = harness().await else { return };
-    let (s, pod, exit) = service(h.sandbox.clone());
+    let Some(f) = fixture().await else { return };
+    let (s, pod, exit) = service(&f);
     let c = ctx();
     s.create_sandbox(&c, create_request()).await.unwrap();
     assert_eq!(
@@ -216,8 +212,8 @@ async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_s
 /// has left its shim behind).
 #[tokio::test]
 async fn shutdown_after_a_refused_create_ends_the_shim() {
-    let Some(h) = harness().await else { return };
-    let (s, pod, exit) = service(h.sandbox.clone());
+    let Some(f) = fixture().await else { return };
+    let (s, pod, exit) = service(&f);
     let c = ctx();
     let mut refused = create_request();
     refused.options = Some(Any {
@@ -231,6 +227,7 @@ async fn shutdown_after_a_refused_create_ends_the_shim() {
         ttrpc::Code::INVALID_ARGUMENT
     );
     assert!(pod.sandbox().is_none(), "a refused create booted a VM");
+    assert_eq!(f.launcher.launches(), 0, "a refused create launched a VM");
     s.shutdown_sandbox(&c, req!(ShutdownSandboxRequest))
         .await
         .expect("ShutdownSandbox after a failed create");
@@ -241,11 +238,13 @@ async fn shutdown_after_a_refused_create_ends_the_shim() {
 
 #[tokio::test]
 async fn a_vm_that_dies_ends_the_sandbox_with_status_255() {
-    let Some(h) = harness().await else { return };
-    let (s, _, _) = service(h.sandbox.clone());
+    let Some(f) = fixture().await else { return };
+    let (s, _, _) = service(&f);
     let c = ctx();
     s.create_sandbox(&c, create_request()).await.unwrap();
-    h.sandbox.declare_dead("test: the guest panicked");
+    f.vm().die(ember_vmm::ExitReason::GuestPanic(
+        "test: the guest panicked".into(),
+    ));
     let waited = tokio::time::timeout(
         Duration::from_secs(10),
         s.wait_sandbox(&c, req!(WaitSandboxRequest)),

@@ -23,20 +23,10 @@ use crate::events::EventSink;
 use crate::resources::cgroup::{self, HostCgroup};
 use crate::resources::hooks::PodHooks;
 use crate::sandbox::container::Container;
+use crate::sandbox::kvm::KvmLauncher;
+use crate::sandbox::vm::VmLauncher;
 use crate::sandbox::{NewContainer, Sandbox, SandboxSetup};
 use containerd_shim::ExitSignal;
-use futures::future::BoxFuture;
-
-/// Boots a pod's sandbox: [`Sandbox::launch`], or a stand-in in tests.
-pub type Launcher = Box<
-    dyn Fn(Arc<Config>, EventSink, SandboxSetup) -> BoxFuture<'static, Result<Arc<Sandbox>>>
-        + Send
-        + Sync,
->;
-
-fn launch_vm() -> Launcher {
-    Box::new(|config, events, setup| Box::pin(Sandbox::launch(config, events, setup)))
-}
 
 pub struct Pod {
     pub namespace: String,
@@ -46,10 +36,10 @@ pub struct Pod {
     slot: Mutex<Slot>,
     lifecycle: tokio::sync::Mutex<()>,
     exit: Arc<ExitSignal>,
-    launch: Launcher,
-    /// Whether the VM is placed in a host cgroup (not in unit tests with a
-    /// stand-in launcher); the cgroup joined while a VM runs.
-    place_in_cgroup: bool,
+    /// Brings the pod's VM up: KVM, or a fake hypervisor in unit tests.
+    launcher: Arc<dyn VmLauncher>,
+    /// The host cgroup joined while a VM runs (only for a launcher whose
+    /// VM runs in the shim).
     host_cgroup: Mutex<Option<HostCgroup>>,
     /// The containers' OCI hooks, run on the host.
     pub hooks: PodHooks,
@@ -81,8 +71,9 @@ impl Drop for Reservation<'_> {
 }
 
 impl Pod {
-    /// `exit` ends the shim; the pod fires it itself only after undoing
-    /// an abandoned create (otherwise the task service's Shutdown does).
+    /// A pod whose VM runs on KVM. `exit` ends the shim; the pod fires it
+    /// itself only after undoing an abandoned create (otherwise the task
+    /// service's Shutdown does).
     pub fn new(
         namespace: &str,
         id: &str,
@@ -90,19 +81,17 @@ impl Pod {
         events: EventSink,
         exit: Arc<ExitSignal>,
     ) -> Self {
-        Pod {
-            place_in_cgroup: true,
-            ..Self::with_launcher(namespace, id, config, events, exit, launch_vm())
-        }
+        Self::with_launcher(namespace, id, config, events, exit, Arc::new(KvmLauncher))
     }
 
+    /// A pod whose VMs come from `launcher`.
     pub fn with_launcher(
         namespace: &str,
         id: &str,
         config: Arc<Config>,
         events: EventSink,
         exit: Arc<ExitSignal>,
-        launch: Launcher,
+        launcher: Arc<dyn VmLauncher>,
     ) -> Self {
         Pod {
             namespace: namespace.to_string(),
@@ -112,8 +101,7 @@ impl Pod {
             slot: Mutex::new(Slot::default()),
             lifecycle: tokio::sync::Mutex::new(()),
             exit,
-            launch,
-            place_in_cgroup: false,
+            launcher,
             host_cgroup: Mutex::new(None),
             hooks: PodHooks::default(),
         }
@@ -248,7 +236,13 @@ impl Pod {
             return Ok(sb);
         }
         self.join_host_cgroup(spec).await?;
-        let sb = (self.launch)(self.config.clone(), self.events.clone(), setup).await?;
+        let sb = Sandbox::launch(
+            self.config.clone(),
+            self.events.clone(),
+            setup,
+            self.launcher.as_ref(),
+        )
+        .await?;
         self.slot().sandbox = Some(sb.clone());
         Ok(sb)
     }
@@ -341,7 +335,7 @@ impl Pod {
     /// to come) joins the pod's host cgroup, from the spec of the pod's
     /// first container (the CRI sandbox).
     async fn join_host_cgroup(&self, spec: &serde_json::Value) -> Result<()> {
-        if !self.place_in_cgroup || self.host_cgroup().is_some() {
+        if !self.launcher.runs_in_shim() || self.host_cgroup().is_some() {
             return Ok(());
         }
         let path = cgroup::pod_cgroup(&self.config.cgroup_parent, &self.namespace, &self.id, spec)
