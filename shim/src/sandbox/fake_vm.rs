@@ -126,6 +126,8 @@ pub(crate) struct FakeLauncher {
     /// If set, a launch waits for a notification first (a slow boot).
     pub(crate) gate: Option<Arc<Notify>>,
     pub(crate) in_shim: bool,
+    /// `/proc/self/cgroup` when the last launch began.
+    cgroup_at_launch: Mutex<Option<String>>,
     launches: AtomicUsize,
     vms: Mutex<Vec<Arc<FakeVm>>>,
 }
@@ -138,6 +140,7 @@ impl FakeLauncher {
             fail: Mutex::new(None),
             gate: None,
             in_shim: false,
+            cgroup_at_launch: Mutex::new(None),
             launches: AtomicUsize::new(0),
             vms: Mutex::new(Vec::new()),
         }
@@ -146,6 +149,14 @@ impl FakeLauncher {
     /// How many launches were asked for.
     pub(crate) fn launches(&self) -> usize {
         self.launches.load(Ordering::SeqCst)
+    }
+
+    /// The cgroups of this process when the last launch began.
+    pub(crate) fn cgroup_at_launch(&self) -> Option<String> {
+        self.cgroup_at_launch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The VM launched last.
@@ -167,6 +178,10 @@ impl VmLauncher for FakeLauncher {
         hostname: &str,
     ) -> anyhow::Result<LaunchedVm> {
         self.launches.fetch_add(1, Ordering::SeqCst);
+        *self
+            .cgroup_at_launch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = std::fs::read_to_string("/proc/self/cgroup").ok();
         if let Some(gate) = &self.gate {
             gate.notified().await;
         }

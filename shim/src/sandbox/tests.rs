@@ -994,6 +994,53 @@ async fn the_host_cgroup_is_placed_only_for_an_in_shim_vm_and_before_its_launch(
     assert!(pod.teardown_if_unused().await);
 }
 
+/// A VM that runs in the shim is launched from inside the pod's host
+/// cgroup (the test process really joins one, under a parent of its own);
+/// when the launch fails the shim goes back where it was and the pod's
+/// cgroup is removed.
+#[tokio::test]
+async fn a_failed_launch_of_an_in_shim_vm_leaves_the_host_cgroup_it_joined() {
+    use crate::resources::cgroup::{self, CgroupPath};
+
+    let parent = format!("/ember-unit-{}", std::process::id());
+    let p = parent.clone();
+    let Some(f) = fixture_with(|l, c| {
+        l.in_shim = true;
+        *l.fail.get_mut().unwrap() = Some("no KVM here".into());
+        c.cgroup_parent = p;
+    })
+    .await
+    else {
+        return;
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let pod = fake_pod(&f);
+    let e = pod
+        .create(f.bundle("c1", &["sleep"]), f.setup("ns", "pod"))
+        .await
+        .err()
+        .expect("the create fails");
+    assert_eq!(e.code(), Code::INTERNAL);
+    assert_eq!(f.launcher.launches(), 1);
+    let during = f.launcher.cgroup_at_launch().unwrap();
+    assert!(
+        during.contains(&format!("{parent}/ns-pod")),
+        "launched inside the pod's cgroup: {during}"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+        own,
+        "back in the shim's own cgroups"
+    );
+    assert!(pod.host_cgroup_usage().is_none());
+    // The parent can go: the pod's cgroup below it is gone already.
+    let errors = cgroup::remove(
+        &CgroupPath::parse_absolute(&parent, "test parent").unwrap(),
+        std::time::Duration::ZERO,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
 /// StopSandbox with a container still running: the agent is asked to shut
 /// down, the guest powers off, the VM is stopped (released) once, and only
 /// then does the pod's share leave the host; the container's task ends
