@@ -3,13 +3,11 @@
 //! `mod.rs` holds the [`Sandbox`] and its small types; its work is split
 //! by responsibility:
 //!
-//! - [`launch`](self::launch): state directory, share, VM, network,
-//!   background tasks;
-//! - [`containers`](self::containers): create, delete, look up containers;
-//! - [`processes`](self::processes): start, exec, exits, signals, stdin,
-//!   terminal size;
-//! - [`operations`](self::operations): pause, resume, pids, stats, update;
-//! - [`teardown`](self::teardown): shutdown, the host's cleanup.
+//! - `launch`: state directory, share, VM, network, background tasks;
+//! - `containers`: create, delete, look up containers;
+//! - `processes`: start, exec, exits, signals, stdin, terminal size;
+//! - `operations`: pause, resume, pids, stats, update;
+//! - `teardown`: shutdown, the host's cleanup.
 //!
 //! Beside them:
 //!
