@@ -67,8 +67,9 @@ impl KvmVm {
             let reason = match Arc::try_unwrap(vm) {
                 Ok(vm) => vm.shutdown().await,
                 Err(vm) => {
-                    // Nothing else keeps the VM; dropping the last
-                    // reference tears it down all the same.
+                    // Not expected: the slot held the only other
+                    // reference. Stop the vCPUs; the last reference's
+                    // drop tears the rest down.
                     tracing::warn!("pod VM still referenced at release; stopping it");
                     vm.stop();
                     ExitReason::Stopped

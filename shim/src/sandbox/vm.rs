@@ -4,7 +4,7 @@
 //! A [`VmLauncher`] brings a VM up (restored from a template or booted
 //! cold) with its agent answering; the [`PodVm`] it hands back is waited
 //! for, stopped, and asked for its memory figures. The KVM implementation
-//! is [`super::kvm`]; unit tests use a fake hypervisor (`sandbox::tests`).
+//! is [`super::kvm`]; unit tests use a fake hypervisor (`fake_vm.rs`).
 //! The shape follows Kata's `Hypervisor` trait (start, stop, wait) reduced
 //! to what Ember's in-process VMM and its callers use.
 
