@@ -23,6 +23,8 @@ use crate::resources::rootfs;
 use crate::resources::spec as ocispec;
 
 impl Sandbox {
+    // ---- lookup ----
+
     pub fn containers(&self) -> Vec<Arc<Container>> {
         let c = self.containers.read().unwrap_or_else(|p| p.into_inner());
         c.values().cloned().collect()
@@ -190,6 +192,8 @@ impl Sandbox {
             .await;
         Ok(container)
     }
+
+    // ---- delete ----
 
     /// Deletes a container whose init has exited (or never started): the
     /// guest side, then the host mounts. Never fails because of the guest:
