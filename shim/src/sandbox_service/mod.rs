@@ -54,6 +54,8 @@ struct Record {
     created_at: SystemTime,
     pod_name: String,
     hostname: String,
+    /// The pod's network namespace on the host (CNI's), if any.
+    netns: Option<std::path::PathBuf>,
     /// Set once, when the VM is gone (StopSandbox, or a VM death).
     ended: watch::Sender<Option<Ended>>,
 }
@@ -113,6 +115,7 @@ impl SandboxService {
         let pod = self.pod.clone();
         let (setup, cgroup_spec) = (asked.setup, asked.cgroup_spec);
         let hostname = setup.hostname.clone().unwrap_or_default();
+        let netns = setup.netns.clone();
         // On its own task: containerd dropping the call must not cut a
         // boot in half.
         let sandbox = tokio::spawn(async move { pod.boot_held(setup, &cgroup_spec).await })
@@ -124,6 +127,7 @@ impl SandboxService {
             created_at: SystemTime::now(),
             pod_name: asked.pod_name,
             hostname,
+            netns,
             ended: watch::channel(None).0,
         });
         *self.record.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());
@@ -278,9 +282,16 @@ impl SandboxApi for SandboxService {
         let ended = *r.ended.borrow();
         let mut info = std::collections::HashMap::new();
         if req.verbose {
-            info.insert("pod".to_string(), r.pod_name.clone());
-            info.insert("hostname".to_string(), r.hostname.clone());
-            info.insert("runtime".to_string(), crate::RUNTIME_ID.to_string());
+            // `crictl inspectp` shows the `info` key as JSON, as
+            // containerd's own sandboxes have it.
+            let detail = serde_json::json!({
+                "pid": std::process::id(),
+                "pod": r.pod_name,
+                "hostname": r.hostname,
+                "runtimeType": crate::RUNTIME_ID,
+                "netNamespacePath": r.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            });
+            info.insert("info".to_string(), detail.to_string());
         }
         Ok(SandboxStatusResponse {
             sandbox_id: req.sandbox_id,

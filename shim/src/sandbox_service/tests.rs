@@ -152,7 +152,9 @@ async fn a_sandbox_lives_from_create_to_stop_without_containers_then_shuts_the_s
         .unwrap();
     assert_eq!(status.state, "SANDBOX_READY");
     assert_eq!(status.created_at, started.created_at);
-    assert!(status.info.contains_key("runtime"));
+    let detail: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+    assert_eq!(detail["runtimeType"], crate::RUNTIME_ID);
+    assert_eq!(detail["pid"], std::process::id());
     let platform = s.platform(&c, req!(PlatformRequest)).await.unwrap();
     assert_eq!(platform.platform.os, "linux");
 
