@@ -22,7 +22,6 @@ pub mod vm;
 pub use arch::x86_64::cpuid::CpuTemplate;
 pub use config::{FsLimits, FsShareConfig, NetConfig, VmConfig, VsockConfig};
 pub use exit::ExitReason;
-pub use snapshot::store::{TemplateInfo, TemplateStore};
-pub use snapshot::{SnapshotError, SnapshotFiles};
+pub use snapshot::{SnapshotError, SnapshotFiles, FORMAT_VERSION as SNAPSHOT_FORMAT_VERSION};
 pub use timing::BootTimings;
 pub use vm::{Vm, VmError};

@@ -7,7 +7,8 @@
 //! - [`monitor`]: VM supervision, death signal, agent health;
 //! - [`oom`]: the OOM event long poll;
 //! - [`paths`]: the pod's state directory layout;
-//! - [`template`]: restore the VM from a template, or boot it cold.
+//! - [`crate::templates`] (not here): restore the VM from a template, or
+//!   boot it cold.
 //!
 //! The sandbox owns the process lifecycle and publishes its events
 //! (TaskCreate, TaskStart, TaskExecAdded, TaskExecStarted, TaskExit,
@@ -21,7 +22,6 @@ pub mod monitor;
 pub mod oom;
 pub mod paths;
 pub mod process;
-pub mod template;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -282,7 +282,7 @@ impl Sandbox {
             .hostname
             .clone()
             .unwrap_or_else(|| boot::pod_hostname(&setup.id));
-        let booted = match template::boot_or_restore(&config, vm_config, &hostname).await {
+        let booted = match crate::templates::boot_or_restore(&config, vm_config, &hostname).await {
             Ok(launched) => {
                 tracing::info!(pod = %setup.id, "pod VM ready: {}", launched.report);
                 launched.booted

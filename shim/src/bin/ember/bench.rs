@@ -13,9 +13,8 @@ use ember_shim::resources::sizing::VmSize;
 use ember_shim::sandbox::agent::Agent;
 use ember_shim::sandbox::boot::boot_vm;
 use ember_shim::sandbox::paths::SandboxPaths;
-use ember_shim::sandbox::template::{self, Launched};
 use ember_shim::sandbox::{vm_config, SandboxSetup};
-use ember_vmm::snapshot::store::TemplateStore;
+use ember_shim::templates::{self, Launched, TemplateStore};
 use ember_vmm::timing::fmt_duration;
 
 use crate::mib;
@@ -169,7 +168,7 @@ async fn bench_boot_and_stop(
 }
 
 /// One benchmark pod: its state dir and VM, started by the shim's own
-/// path ([`template::boot_or_restore`]).
+/// path ([`templates::boot_or_restore`]).
 struct BenchPod {
     paths: SandboxPaths,
     launched: Option<Launched>,
@@ -192,7 +191,7 @@ async fn bench_pod(config: &Config, size: VmSize, name: &str) -> Result<BenchPod
         hostname: None,
     };
     let vm_cfg = vm_config(config, &paths, &setup);
-    let launched = template::boot_or_restore(config, vm_cfg, name).await;
+    let launched = templates::boot_or_restore(config, vm_cfg, name).await;
     let mut pod = BenchPod {
         paths,
         launched: None,
@@ -272,11 +271,11 @@ fn template(bench: BenchArgs) -> Result<ExitCode> {
                 if let Some(r) = ready.get_mut(i) {
                     r.1 = l.report.total;
                     r.2 = match &l.report.origin {
-                        template::Origin::Cold => "cold (template unusable)".into(),
-                        template::Origin::Restored { created: true, .. } => {
+                        templates::Origin::Cold => "cold (template unusable)".into(),
+                        templates::Origin::Restored { created: true, .. } => {
                             "made the template, restored".into()
                         }
-                        template::Origin::Restored { .. } => "restored".into(),
+                        templates::Origin::Restored { .. } => "restored".into(),
                     };
                 }
             }
