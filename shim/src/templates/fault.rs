@@ -50,12 +50,12 @@ mod tests {
 
     #[test]
     fn only_template_faults_discard_the_template() {
-        use ember_vmm::snapshot::SnapshotError;
+        use ember_vmm::SnapshotError;
         let bad = VmError::Snapshot(SnapshotError::Checksum("/t/state".into()));
         assert!(matches!(RestoreError::from(bad), RestoreError::Template(_)));
         let pod = VmError::Net {
             tap: "tap0".into(),
-            source: ember_vmm::devices::virtio::net::NetError::InvalidMtu(1),
+            source: ember_vmm::net::NetError::InvalidMtu(1),
         };
         let e = RestoreError::from(pod);
         assert!(matches!(e, RestoreError::Pod(_)));

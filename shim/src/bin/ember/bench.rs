@@ -133,7 +133,7 @@ async fn bench_boot_and_stop(
     let booted = boot_vm(vm_cfg, config.boot_timeout())
         .await
         .with_context(|| format!("VM {i}"))?;
-    let (vmm_rss, _shmem) = ember_vmm::memory::process_rss();
+    let (vmm_rss, _shmem) = ember_vmm::process_memory::process_rss();
     let touched = booted.vm.guest_memory_usage();
     let report = booted.report;
 
@@ -249,7 +249,7 @@ fn template(bench: BenchArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let result = rt.block_on(async {
         let mut ready = Vec::new();
-        let base = ember_vmm::memory::process_pss();
+        let base = ember_vmm::process_memory::process_pss();
         let mut pods = Vec::new();
         for i in 0..n {
             let pod = bench_pod(&cold_cfg, size, &format!("cold{i}")).await?;
@@ -259,11 +259,11 @@ fn template(bench: BenchArgs) -> Result<ExitCode> {
             }
             pods.push(pod);
         }
-        let cold_pss = ember_vmm::memory::process_pss().saturating_sub(base);
+        let cold_pss = ember_vmm::process_memory::process_pss().saturating_sub(base);
         for pod in pods.drain(..) {
             pod.stop(&cold_cfg).await;
         }
-        let base = ember_vmm::memory::process_pss();
+        let base = ember_vmm::process_memory::process_pss();
         for i in 0..n {
             let pod = bench_pod(&tmpl_cfg, size, &format!("tmpl{i}")).await?;
             if let Some(l) = &pod.launched {
@@ -281,7 +281,7 @@ fn template(bench: BenchArgs) -> Result<ExitCode> {
             }
             pods.push(pod);
         }
-        let tmpl_pss = ember_vmm::memory::process_pss().saturating_sub(base);
+        let tmpl_pss = ember_vmm::process_memory::process_pss().saturating_sub(base);
         let store = TemplateStore::new(&tmpl_cfg.template_dir);
         let template_disk = store.disk_bytes();
         for pod in pods.drain(..) {
@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn rss_is_read() {
-        let (own, _) = ember_vmm::memory::process_rss();
+        let (own, _) = ember_vmm::process_memory::process_rss();
         assert!(own > 0);
     }
 }
