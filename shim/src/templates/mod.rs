@@ -28,11 +28,13 @@
 //! The VMM only snapshots a VM into [`SnapshotFiles`] and restores one from
 //! them (checking its own format and checksums); which template a pod
 //! uses, and when one is made or thrown away, is decided here:
-//! - [`identity`](mod@identity): what a template is valid for;
-//! - [`store`]: the directory, staging and commit, broken marks;
-//! - [`lock`]: one pod at a time makes a template;
-//! - [`fault`]: whether a failed restore is the template's fault;
-//! - [`report`]: what a launch did, phase by phase.
+//! - `identity.rs`: what a template is valid for ([`identity()`]);
+//! - `store.rs`: the directory, staging and commit, broken marks
+//!   ([`TemplateStore`]);
+//! - `lock.rs`: one pod at a time makes a template;
+//! - `fault.rs`: whether a failed restore is the template's fault;
+//! - `report.rs`: what a launch did, phase by phase ([`LaunchReport`]);
+//! - `private.rs`: the store's files are root's alone.
 
 mod fault;
 mod identity;

@@ -28,7 +28,7 @@ pub use vcpu_state::VcpuState;
 pub use vm_state::VmState;
 
 const MAGIC: &[u8; 8] = b"EMBERSNP";
-/// Bumped on any change of [`SnapshotState`].
+/// Bumped on any change of the state file's content (`SnapshotState`).
 pub const FORMAT_VERSION: u32 = 1;
 /// Refuse state files larger than this (they are a few hundred KiB).
 const MAX_STATE_LEN: u64 = 64 << 20;
