@@ -13,10 +13,8 @@
 use std::sync::{Arc, Mutex};
 
 use ember_fuzz::Input;
-use ember_vmm::bus::BusDevice;
-use ember_vmm::devices::virtio::mmio::{regs, MmioInterrupt, MmioTransport, MMIO_SIZE};
-use ember_vmm::devices::virtio::test_utils::DummyDevice;
-use ember_vmm::devices::virtio::{GuestMemoryMmap, VirtioDevice};
+use ember_vmm::fuzzing::mmio::{regs, MmioInterrupt, MmioTransport, MMIO_SIZE};
+use ember_vmm::fuzzing::{BusDevice, DummyDevice, GuestMemoryMmap, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
 

@@ -13,15 +13,15 @@ use std::collections::VecDeque;
 use ember_fuzz::fake_tap::FakeTap;
 use ember_fuzz::queue::GuestQueue;
 use ember_fuzz::Input;
-use ember_vmm::devices::virtio::net::device::fuzzing::NetHarness;
-use ember_vmm::devices::virtio::test_utils::CountingInterrupt;
+use ember_vmm::fuzzing::net::NetHarness;
+use ember_vmm::fuzzing::CountingInterrupt;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
     let mtu = match input.u16() {
         0 => None,
-        m => Some(m.max(ember_vmm::devices::virtio::net::MIN_MTU)),
+        m => Some(m.max(ember_vmm::fuzzing::net::MIN_MTU)),
     };
     let nframes = input.u8() % 8;
     let mut frames = VecDeque::new();

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use ember_fuzz::fake_tap::FakeTap;
 use ember_fuzz::queue::GuestQueue;
 use ember_fuzz::Input;
-use ember_vmm::devices::virtio::net::device::fuzzing::NetHarness;
-use ember_vmm::devices::virtio::test_utils::CountingInterrupt;
+use ember_vmm::fuzzing::net::NetHarness;
+use ember_vmm::fuzzing::CountingInterrupt;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

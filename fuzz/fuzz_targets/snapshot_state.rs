@@ -19,11 +19,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ember_fuzz::Input;
-use ember_vmm::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
-use ember_vmm::devices::virtio::mmio::{MmioQueueState, MmioState};
-use ember_vmm::devices::virtio::test_utils::DummyDevice;
-use ember_vmm::devices::virtio::{GuestMemoryMmap, VirtioDevice};
-use ember_vmm::snapshot::{SerialSnapshot, SnapshotState, VmState, FORMAT_VERSION};
+use ember_vmm::fuzzing::mmio::{MmioInterrupt, MmioQueueState, MmioState, MmioTransport};
+use ember_vmm::fuzzing::snapshot::{SerialSnapshot, SnapshotState, VmState, FORMAT_VERSION};
+use ember_vmm::fuzzing::{DummyDevice, GuestMemoryMmap, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use vm_memory::GuestAddress;

@@ -17,8 +17,7 @@ use std::sync::OnceLock;
 use ember_fuzz::jail::{Jail, SHARE};
 use ember_fuzz::queue::GuestQueue;
 use ember_fuzz::Input;
-use ember_vmm::devices::virtio::fs::fuzzing::FsHarness;
-use ember_vmm::devices::virtio::fs::FsOptions;
+use ember_vmm::fuzzing::fs::{FsHarness, FsOptions};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
 

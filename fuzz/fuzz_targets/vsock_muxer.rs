@@ -15,9 +15,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ember_fuzz::Input;
-use ember_vmm::devices::virtio::vsock::fuzzing::MuxerHarness;
-use ember_vmm::devices::virtio::vsock::packet::{Header, MAX_PKT_DATA, OP_RST};
-use ember_vmm::devices::virtio::vsock::VsockTimeouts;
+use ember_vmm::fuzzing::vsock::packet::{Header, MAX_PKT_DATA, OP_RST};
+use ember_vmm::fuzzing::vsock::{MuxerHarness, VsockTimeouts};
 use libfuzzer_sys::fuzz_target;
 
 const GUEST_CID: u64 = 3;

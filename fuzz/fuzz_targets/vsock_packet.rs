@@ -9,7 +9,7 @@
 
 use ember_fuzz::queue::GuestQueue;
 use ember_fuzz::Input;
-use ember_vmm::devices::virtio::vsock::packet::{
+use ember_vmm::fuzzing::vsock::packet::{
     read_tx, Header, RxBuffer, HDR_SIZE, MAX_PKT_DATA, OP_RW, TYPE_STREAM,
 };
 use libfuzzer_sys::fuzz_target;

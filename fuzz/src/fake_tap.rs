@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ember_vmm::devices::virtio::net::{NetBackend, MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN};
+use ember_vmm::fuzzing::net::{NetBackend, MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub struct FakeTap {

@@ -9,7 +9,7 @@
 //! ring at [`AVAIL_RING`], used ring at [`USED_RING`], buffers in the data
 //! region from [`DATA_BASE`] to [`MEM_SIZE`].
 
-use ember_vmm::devices::virtio::GuestMemoryMmap;
+use ember_vmm::fuzzing::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use ember_vmm::memory::MIN_MEM_MIB;
+use ember_vmm::MIN_MEM_MIB;
 
 use crate::config::Config;
 use crate::error::{Error, Result};

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ember_vmm::arch::x86_64::mptable::MAX_VCPUS;
-use ember_vmm::devices::legacy::console_log::MIN_MAX_BYTES as MIN_CONSOLE_LOG_MAX_BYTES;
-use ember_vmm::memory::MIN_MEM_MIB;
 use ember_vmm::CpuTemplate;
+use ember_vmm::MAX_VCPUS;
+use ember_vmm::MIN_CONSOLE_LOG_MAX_BYTES;
+use ember_vmm::MIN_MEM_MIB;
 use serde::{Deserialize, Serialize};
 
 use crate::annotations;
@@ -128,7 +128,7 @@ impl Default for Config {
             template_dir: "/var/lib/ember/templates".into(),
             template_restore_timeout_secs: 30,
             cgroup_parent: "/ember".into(),
-            console_log_max_bytes: ember_vmm::config::DEFAULT_CONSOLE_LOG_MAX_BYTES,
+            console_log_max_bytes: ember_vmm::DEFAULT_CONSOLE_LOG_MAX_BYTES,
             max_open_files: 65536,
             fs_max_inodes: ember_vmm::FsLimits::default().max_inodes,
             fs_max_handles: ember_vmm::FsLimits::default().max_handles,

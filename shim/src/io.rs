@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ember_proto::agent::{Stdio, StdioPorts};
-use ember_vmm::devices::virtio::vsock::connect_hybrid_timeout;
+use ember_vmm::connect_hybrid_timeout;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::watch;

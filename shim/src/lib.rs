@@ -15,6 +15,8 @@
 //! - [`sandbox`]: one per VM: boot and agent handshake (shared with
 //!   `ember bench boot`), the container and process registry, exits, OOM
 //!   events, VM death handling and teardown;
+//! - [`templates`]: VM templates, policy and store: restore a pod's VM
+//!   from its template (making it first), or boot it cold;
 //! - [`resources`]: host-side preparation of what a container needs in the
 //!   guest: rootfs and bind mounts into the virtio-fs share, OCI spec
 //!   rewriting, VM sizing;
@@ -37,6 +39,7 @@ pub mod serve;
 pub mod shim;
 pub mod start;
 pub mod task;
+pub mod templates;
 
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.ember.v2";

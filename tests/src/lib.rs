@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ember_proto::agent::{health_response::Status, HealthRequest};
 use ember_proto::client::{self, AgentClient};
-use ember_vmm::devices::virtio::vsock::connect_hybrid_timeout;
+use ember_vmm::connect_hybrid_timeout;
 use ember_vmm::timing::fmt_duration;
 use ember_vmm::{CpuTemplate, Vm, VmConfig, VsockConfig};
 
@@ -158,7 +158,7 @@ impl ProcessResources {
     }
 }
 
-pub use ember_vmm::memory::{process_rss, rss_of};
+pub use ember_vmm::process_memory::{process_rss, rss_of};
 
 /// The message of a caught panic (`catch_unwind`), for a case report.
 pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

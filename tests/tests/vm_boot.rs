@@ -10,7 +10,7 @@ use ember_e2e::{
 };
 use ember_proto::agent::{ShutdownRequest, VersionRequest};
 use ember_proto::client;
-use ember_vmm::devices::virtio::vsock::connect_hybrid_timeout;
+use ember_vmm::connect_hybrid_timeout;
 use ember_vmm::{ExitReason, Vm};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(600);

@@ -1,13 +1,14 @@
-//! Boot phase timestamps. Every boot logs them; tests and the benchmark
-//! print them.
+//! Boot phase timestamps: the VMM marks them (setup, first guest
+//! instruction, init, agent) as the guest boots; every boot logs them, tests
+//! and the benchmarks print them.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The console line the guest kernel prints when it starts init.
-pub const INIT_MARKER: &str = "Run /init as init process";
+pub(crate) const INIT_MARKER: &str = "Run /init as init process";
 /// The console line the agent prints as soon as it runs.
-pub const AGENT_STARTED_MARKER: &str = "ember-agent: started";
+pub(crate) const AGENT_STARTED_MARKER: &str = "ember-agent: started";
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Marks {
@@ -22,7 +23,7 @@ pub struct Marks {
 pub struct BootClock(Arc<Mutex<Marks>>);
 
 impl BootClock {
-    pub fn new(setup_started: Instant) -> Self {
+    pub(crate) fn new(setup_started: Instant) -> Self {
         let clock = Self::default();
         clock.update(|m| m.setup_started = Some(setup_started));
         clock
@@ -37,14 +38,14 @@ impl BootClock {
         *self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn mark_first_instruction(&self) {
+    pub(crate) fn mark_first_instruction(&self) {
         self.update(|m| {
             m.first_instruction.get_or_insert_with(Instant::now);
         });
     }
 
     /// Looks for the boot markers in a console line.
-    pub fn observe_console_line(&self, line: &str) {
+    pub(crate) fn observe_console_line(&self, line: &str) {
         if line.contains(INIT_MARKER) {
             self.update(|m| {
                 m.init_started.get_or_insert_with(Instant::now);

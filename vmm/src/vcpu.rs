@@ -76,7 +76,6 @@ pub struct Vcpu {
 /// What the host asks of a parked vCPU thread.
 enum Request {
     SaveState,
-    Resume,
     Stop,
 }
 
@@ -84,7 +83,6 @@ enum Request {
 enum Response {
     Paused,
     State(Box<Result<VcpuState, SnapshotError>>),
-    Resumed,
 }
 
 /// A running vCPU thread.
@@ -163,10 +161,6 @@ impl Vcpu {
                     if responses.send(Response::State(Box::new(state))).is_err() {
                         return false;
                     }
-                }
-                Ok(Request::Resume) => {
-                    self.pause.store(false, Ordering::SeqCst);
-                    return responses.send(Response::Resumed).is_ok();
                 }
                 Ok(Request::Stop) | Err(_) => return false,
             }
@@ -315,21 +309,6 @@ impl VcpuHandle {
         loop {
             match responses.recv_timeout(Duration::from_secs(10)) {
                 Ok(Response::State(state)) => return *state,
-                Ok(_) => continue,
-                Err(_) => return Err(SnapshotError::Pause(self.id)),
-            }
-        }
-    }
-
-    /// Lets a parked vCPU run again.
-    pub fn resume(&self) -> Result<(), SnapshotError> {
-        self.requests
-            .send(Request::Resume)
-            .map_err(|_| SnapshotError::Pause(self.id))?;
-        let responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            match responses.recv_timeout(Duration::from_secs(10)) {
-                Ok(Response::Resumed) => return Ok(()),
                 Ok(_) => continue,
                 Err(_) => return Err(SnapshotError::Pause(self.id)),
             }

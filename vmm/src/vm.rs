@@ -141,7 +141,7 @@ impl Vm {
 
     /// The blocking builder behind [`Vm::start`]. On error, everything
     /// created so far is released before returning.
-    pub fn build(config: VmConfig) -> Result<Vm, VmError> {
+    pub(crate) fn build(config: VmConfig) -> Result<Vm, VmError> {
         let mut vm = Vm::empty(config)?;
         // If anything below fails, `vm` is dropped and tears down what exists.
         vm.setup(Origin::Boot)?;
@@ -163,7 +163,7 @@ impl Vm {
             .map_err(|e| VmError::Join(e.to_string()))?
     }
 
-    pub fn restore_blocking(
+    pub(crate) fn restore_blocking(
         config: VmConfig,
         files: &SnapshotFiles,
         identity: &str,
@@ -598,7 +598,7 @@ impl Vm {
                 Some((ram.size, blocks * 512))
             }
             RamBacking::SnapshotFile(path) => {
-                Some((ram.size, crate::memory::private_dirty_of(path)))
+                Some((ram.size, crate::process_memory::private_dirty_of(path)))
             }
         }
     }

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use ember_proto::agent::{
     Interface, IpAddress, Route as AgentRoute, UpdateInterfacesRequest, UpdateRoutesRequest,
 };
-use ember_vmm::devices::virtio::net::{format_mac, in_netns};
+use ember_vmm::net::{format_mac, in_netns};
 use ember_vmm::NetConfig;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;

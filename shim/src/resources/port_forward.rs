@@ -43,8 +43,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ember_proto::port_forward::{Family, Reply, Request, VSOCK_PORT};
-use ember_vmm::devices::virtio::net::in_netns;
-use ember_vmm::devices::virtio::vsock::{connect_hybrid_timeout, ConnectError};
+use ember_vmm::net::in_netns;
+use ember_vmm::{connect_hybrid_timeout, ConnectError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::Semaphore;

@@ -22,7 +22,7 @@
 //! A workload asking for more memory or CPUs than the host has is refused
 //! before anything boots ([`check_fits_host`]): no VM could honour it.
 
-use ember_vmm::memory::MIN_MEM_MIB;
+use ember_vmm::MIN_MEM_MIB;
 use serde_json::Value;
 
 use crate::annotations::{self, PodOverrides};

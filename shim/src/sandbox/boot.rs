@@ -10,7 +10,7 @@ use ember_proto::agent::{
 };
 use ember_proto::client::{self, AgentClient};
 use ember_proto::AGENT_VSOCK_PORT;
-use ember_vmm::devices::virtio::vsock::connect_hybrid_timeout;
+use ember_vmm::connect_hybrid_timeout;
 use ember_vmm::timing::{fmt_duration, BootTimings};
 use ember_vmm::{CpuTemplate, Vm, VmConfig};
 

@@ -1,6 +1,6 @@
 //! The KVM VMM behind the VM boundary ([`super::vm`]): pod VMs are
 //! `ember_vmm::Vm`s in this process, brought up by
-//! [`template::boot_or_restore`] and each owned by a supervisor that
+//! [`templates::boot_or_restore`] and each owned by a supervisor that
 //! releases it (`Vm::shutdown`: threads, fds, guest memory) as soon as it
 //! ends, on its own or when stopped.
 
@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use ember_vmm::{ExitReason, Vm, VmConfig};
 use tokio::sync::{oneshot, watch};
 
-use super::template;
 use super::vm::{GuestMemory, LaunchedVm, PodVm, VmLauncher};
 use crate::config::Config;
+use crate::templates;
 
 /// Launches pod VMs on KVM, from templates when they can be used.
 #[derive(Debug, Default, Clone, Copy)]
@@ -26,7 +26,7 @@ impl VmLauncher for KvmLauncher {
         vm: VmConfig,
         hostname: &str,
     ) -> anyhow::Result<LaunchedVm> {
-        let launched = template::boot_or_restore(config, vm, hostname).await?;
+        let launched = templates::boot_or_restore(config, vm, hostname).await?;
         Ok(LaunchedVm {
             vm: Arc::new(KvmVm::supervise(launched.booted.vm)),
             agent: launched.booted.agent,

@@ -20,7 +20,8 @@
 //! - [`monitor`]: the VM's death signal, agent health;
 //! - [`oom`]: the OOM event long poll;
 //! - [`paths`]: the pod's state directory layout;
-//! - [`template`]: restore the VM from a template, or boot it cold.
+//! - [`crate::templates`] (not here): restore the VM from a template, or
+//!   boot it cold.
 //!
 //! The sandbox owns the process lifecycle and publishes its events
 //! (TaskCreate, TaskStart, TaskExecAdded, TaskExecStarted, TaskExit,
@@ -42,7 +43,6 @@ pub mod paths;
 pub mod process;
 mod processes;
 mod teardown;
-pub mod template;
 pub mod vm;
 
 use std::collections::HashMap;

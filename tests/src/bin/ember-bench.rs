@@ -51,7 +51,7 @@ async fn boot(dir: &std::path::Path, n: usize) -> Result<(Vm, AgentClient, Durat
 
 async fn bench_snapshot(count: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let base_pss = ember_vmm::memory::process_pss();
+    let base_pss = ember_vmm::process_memory::process_pss();
 
     // Cold boots, kept running to measure their memory together.
     let mut cold = Vec::new();
@@ -60,7 +60,7 @@ async fn bench_snapshot(count: usize) -> Result<()> {
         println!("cold boot {n}: agent ready {}", fmt_duration(Some(ready)));
         cold.push((vm, agent, ready));
     }
-    let cold_pss = ember_vmm::memory::process_pss().saturating_sub(base_pss);
+    let cold_pss = ember_vmm::process_memory::process_pss().saturating_sub(base_pss);
     let cold_ready: Vec<Duration> = cold.iter().map(|c| c.2).collect();
     let mut cold = cold.into_iter();
     let (template_vm, template_agent, _) = cold.next().context("count must be at least 1")?;
@@ -78,7 +78,7 @@ async fn bench_snapshot(count: usize) -> Result<()> {
         fmt_duration(Some(t.elapsed()))
     );
 
-    let base_pss = ember_vmm::memory::process_pss();
+    let base_pss = ember_vmm::process_memory::process_pss();
     let mut restored = Vec::new();
     for n in 0..count {
         let rdir = dir.path().join(format!("restored{n}"));
@@ -89,7 +89,7 @@ async fn bench_snapshot(count: usize) -> Result<()> {
         let ready = t.elapsed();
         restored.push((vm, agent, ready));
     }
-    let restored_pss = ember_vmm::memory::process_pss().saturating_sub(base_pss);
+    let restored_pss = ember_vmm::process_memory::process_pss().saturating_sub(base_pss);
 
     println!();
     println!("sandbox-ready time, cold boot vs restore from template:");

@@ -13,7 +13,6 @@
 //! A file with another magic, version or a wrong checksum, or truncated, is
 //! refused with [`SnapshotError`] before anything is created.
 
-pub mod store;
 pub mod vcpu_state;
 pub mod vm_state;
 
@@ -29,7 +28,7 @@ pub use vcpu_state::VcpuState;
 pub use vm_state::VmState;
 
 const MAGIC: &[u8; 8] = b"EMBERSNP";
-/// Bumped on any change of [`SnapshotState`].
+/// Bumped on any change of the state file's content (`SnapshotState`).
 pub const FORMAT_VERSION: u32 = 1;
 /// Refuse state files larger than this (they are a few hundred KiB).
 const MAX_STATE_LEN: u64 = 64 << 20;
@@ -158,17 +157,6 @@ pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
     // `mode` applies only to a file this call created: fix an older one.
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     Ok(f)
-}
-
-/// Creates directory `path` (and missing parents, 0700 too) and makes it
-/// 0700 whatever the umask or its mode before: it holds snapshots.
-pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 impl SnapshotState {
@@ -426,41 +414,26 @@ mod tests {
         std::fs::metadata(path).unwrap().mode() & 0o777
     }
 
-    /// Templates hold guest memory: whatever the umask, and whoever
-    /// creates the store first (the digest cache or a snapshot), the store
-    /// and each template are 0700 and the files 0600.
+    /// Snapshots hold guest memory: whatever the umask, the state and
+    /// memory files are 0600, and rewriting an older, readable file makes
+    /// it private too.
     #[test]
-    fn template_files_are_private_whatever_the_umask() {
+    fn snapshot_files_are_private_whatever_the_umask() {
         let _umask = Umask::set(0);
         let dir = tempfile::tempdir().unwrap();
-        let kernel = dir.path().join("vmlinux");
-        std::fs::write(&kernel, b"kernel").unwrap();
-        let store = store::TemplateStore::new(dir.path().join("templates"));
-        // The digest cache is what creates the store on a fresh host.
-        store
-            .cached_identity(&crate::config::VmConfig::new(&kernel))
-            .unwrap();
-        assert_eq!(mode(store.dir()), 0o700);
-        let digests = store.dir().join(".digests");
-        assert_eq!(mode(&digests), 0o700);
-        for e in std::fs::read_dir(&digests).unwrap() {
-            assert_eq!(mode(&e.unwrap().path()), 0o600);
-        }
-        // A store left 0755 by an older version is fixed.
-        std::fs::set_permissions(store.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let staged = store.staging("abc").unwrap();
-        assert_eq!(mode(store.dir()), 0o700);
-        sample().write(&staged.state()).unwrap();
+        let files = SnapshotFiles::new(dir.path());
+        sample().write(&files.state()).unwrap();
         let src = tempfile::tempfile().unwrap();
         src.set_len(1 << 20).unwrap();
-        write_memory_file(&src, 1 << 20, &staged.memory()).unwrap();
-        let files = store.commit("abc", staged).unwrap();
-        assert_eq!(mode(&files.dir), 0o700);
+        write_memory_file(&src, 1 << 20, &files.memory()).unwrap();
         assert_eq!(mode(&files.state()), 0o600);
         assert_eq!(mode(&files.memory()), 0o600);
-        // Rewriting over an older, readable file makes it private too.
-        std::fs::set_permissions(files.state(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        for path in [files.state(), files.memory()] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
         sample().write(&files.state()).unwrap();
+        write_memory_file(&src, 1 << 20, &files.memory()).unwrap();
         assert_eq!(mode(&files.state()), 0o600);
+        assert_eq!(mode(&files.memory()), 0o600);
     }
 }

@@ -13,9 +13,8 @@ use ember_shim::resources::sizing::VmSize;
 use ember_shim::sandbox::agent::Agent;
 use ember_shim::sandbox::boot::boot_vm;
 use ember_shim::sandbox::paths::SandboxPaths;
-use ember_shim::sandbox::template::{self, Launched};
 use ember_shim::sandbox::{vm_config, SandboxSetup};
-use ember_vmm::snapshot::store::TemplateStore;
+use ember_shim::templates::{self, Launched, TemplateStore};
 use ember_vmm::timing::fmt_duration;
 
 use crate::mib;
@@ -134,7 +133,7 @@ async fn bench_boot_and_stop(
     let booted = boot_vm(vm_cfg, config.boot_timeout())
         .await
         .with_context(|| format!("VM {i}"))?;
-    let (vmm_rss, _shmem) = ember_vmm::memory::process_rss();
+    let (vmm_rss, _shmem) = ember_vmm::process_memory::process_rss();
     let touched = booted.vm.guest_memory_usage();
     let report = booted.report;
 
@@ -169,7 +168,7 @@ async fn bench_boot_and_stop(
 }
 
 /// One benchmark pod: its state dir and VM, started by the shim's own
-/// path ([`template::boot_or_restore`]).
+/// path ([`templates::boot_or_restore`]).
 struct BenchPod {
     paths: SandboxPaths,
     launched: Option<Launched>,
@@ -192,7 +191,7 @@ async fn bench_pod(config: &Config, size: VmSize, name: &str) -> Result<BenchPod
         hostname: None,
     };
     let vm_cfg = vm_config(config, &paths, &setup);
-    let launched = template::boot_or_restore(config, vm_cfg, name).await;
+    let launched = templates::boot_or_restore(config, vm_cfg, name).await;
     let mut pod = BenchPod {
         paths,
         launched: None,
@@ -250,7 +249,7 @@ fn template(bench: BenchArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let result = rt.block_on(async {
         let mut ready = Vec::new();
-        let base = ember_vmm::memory::process_pss();
+        let base = ember_vmm::process_memory::process_pss();
         let mut pods = Vec::new();
         for i in 0..n {
             let pod = bench_pod(&cold_cfg, size, &format!("cold{i}")).await?;
@@ -260,11 +259,11 @@ fn template(bench: BenchArgs) -> Result<ExitCode> {
             }
             pods.push(pod);
         }
-        let cold_pss = ember_vmm::memory::process_pss().saturating_sub(base);
+        let cold_pss = ember_vmm::process_memory::process_pss().saturating_sub(base);
         for pod in pods.drain(..) {
             pod.stop(&cold_cfg).await;
         }
-        let base = ember_vmm::memory::process_pss();
+        let base = ember_vmm::process_memory::process_pss();
         for i in 0..n {
             let pod = bench_pod(&tmpl_cfg, size, &format!("tmpl{i}")).await?;
             if let Some(l) = &pod.launched {
@@ -272,17 +271,17 @@ fn template(bench: BenchArgs) -> Result<ExitCode> {
                 if let Some(r) = ready.get_mut(i) {
                     r.1 = l.report.total;
                     r.2 = match &l.report.origin {
-                        template::Origin::Cold => "cold (template unusable)".into(),
-                        template::Origin::Restored { created: true, .. } => {
+                        templates::Origin::Cold => "cold (template unusable)".into(),
+                        templates::Origin::Restored { created: true, .. } => {
                             "made the template, restored".into()
                         }
-                        template::Origin::Restored { .. } => "restored".into(),
+                        templates::Origin::Restored { .. } => "restored".into(),
                     };
                 }
             }
             pods.push(pod);
         }
-        let tmpl_pss = ember_vmm::memory::process_pss().saturating_sub(base);
+        let tmpl_pss = ember_vmm::process_memory::process_pss().saturating_sub(base);
         let store = TemplateStore::new(&tmpl_cfg.template_dir);
         let template_disk = store.disk_bytes();
         for pod in pods.drain(..) {
@@ -365,7 +364,7 @@ mod tests {
 
     #[test]
     fn rss_is_read() {
-        let (own, _) = ember_vmm::memory::process_rss();
+        let (own, _) = ember_vmm::process_memory::process_rss();
         assert!(own > 0);
     }
 }

@@ -10,7 +10,7 @@ use ember_shim::config::Config;
 use ember_shim::resources::sizing::VmSize;
 use ember_shim::sandbox::paths::SandboxPaths;
 use ember_shim::sandbox::{vm_config, SandboxSetup};
-use ember_vmm::snapshot::store::TemplateStore;
+use ember_shim::templates::{self, TemplateStore};
 
 use crate::mib;
 
@@ -53,7 +53,7 @@ fn default_identity(config: &Config) -> Result<String> {
         netns: None,
         hostname: None,
     };
-    Ok(TemplateStore::identity(&vm_config(config, &paths, &setup))?)
+    Ok(templates::identity(&vm_config(config, &paths, &setup))?)
 }
 
 fn list() -> Result<ExitCode> {
@@ -107,7 +107,7 @@ fn drop(id: Option<&str>) -> Result<ExitCode> {
             }
             store.discard(id)?;
             // A pod may try this identity again.
-            let _ = std::fs::remove_file(store.dir().join(format!(".broken-{id}")));
+            store.unmark_broken(id)?;
             println!("dropped template {id}");
         }
     }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ember_vmm::devices::virtio::net::{NetBackend, Tap, VNET_HDR_LEN};
+use ember_vmm::net::{NetBackend, Tap, VNET_HDR_LEN};
 
 use super::*;
 

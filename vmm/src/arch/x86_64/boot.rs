@@ -63,14 +63,6 @@ pub enum BootError {
     ZeroPage(String),
 }
 
-/// Where things landed in guest memory.
-#[derive(Debug, Clone, Copy)]
-pub struct LoadedKernel {
-    pub entry: u64,
-    pub kernel_end: u64,
-    pub initrd: Option<(u64, u64)>,
-}
-
 /// Loads the ELF kernel at its physical load address.
 pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> Result<(u64, u64), BootError> {
     let display = path.display().to_string();

@@ -18,8 +18,6 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Extended BIOS data area: the MP table lives here.
 pub const EBDA_START: u64 = 0x9fc00;
-/// End of the low RAM reported in e820.
-pub const LOW_RAM_END: u64 = EBDA_START;
 /// Where high memory (and the kernel) starts.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The 32-bit MMIO gap: guest RAM is split around [3 GiB, 4 GiB).

@@ -33,6 +33,7 @@ use super::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VIRTIO_MMIO_INT_CONF
 use crate::bus::BusDevice;
 
 /// Size of the MMIO window of one transport (registers + config space).
+#[cfg(any(test, feature = "fuzzing"))]
 pub const MMIO_SIZE: u64 = 0x1000;
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -336,26 +337,25 @@ impl MmioTransport {
 
     /// The device's interrupt; register `interrupt().irqfd()` with
     /// `KVM_IRQFD` for the device's GSI.
+    #[cfg(test)]
     pub fn interrupt(&self) -> &Arc<MmioInterrupt> {
         &self.interrupt
     }
 
-    /// The device behind the transport (e.g. to `shutdown()` it at teardown).
-    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
-        &self.device
-    }
-
     /// The device id reported in DeviceID.
+    #[cfg(test)]
     pub fn device_type(&self) -> u32 {
         self.device_type
     }
 
     /// Current device status register.
+    #[cfg(feature = "fuzzing")]
     pub fn status(&self) -> u32 {
         self.status
     }
 
     /// Whether the device was activated and has not been reset since.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn is_activated(&self) -> bool {
         self.status & status::DRIVER_OK != 0
     }

@@ -34,8 +34,6 @@ pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
 
 /// Virtio device ids (virtio spec 5).
 pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_FS: u32 = 26;
 

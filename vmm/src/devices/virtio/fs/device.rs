@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -237,19 +237,16 @@ impl VirtioFs {
         })
     }
 
+    #[cfg(test)]
     /// The tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
     pub fn tag(&self) -> &str {
         &self.tag
     }
 
     /// The canonical host directory served as the root.
-    pub fn shared_dir(&self) -> &Path {
+    #[cfg(test)]
+    pub fn shared_dir(&self) -> &std::path::Path {
         &self.root
-    }
-
-    /// The options the device was created with.
-    pub fn options(&self) -> &FsOptions {
-        &self.opts
     }
 
     /// The device is about to be activated from a snapshot: the guest
@@ -261,6 +258,7 @@ impl VirtioFs {
     }
 
     /// Whether a worker thread is running.
+    #[cfg(test)]
     pub fn is_active(&self) -> bool {
         self.worker.is_some()
     }

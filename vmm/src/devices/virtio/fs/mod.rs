@@ -149,16 +149,19 @@ mod worker;
 #[cfg(test)]
 mod tests;
 
-pub use crate::config::FsLimits;
-pub use device::{CachePolicy, FsError, FsOptions, VirtioFs};
+#[cfg(test)]
+pub use device::CachePolicy;
+pub use device::{FsError, FsOptions, VirtioFs};
 
 /// Number of virtqueues: hiprio + one request queue.
 pub const NUM_QUEUES: usize = 2;
 /// Maximum size of each virtqueue.
 pub const QUEUE_SIZE: u16 = 1024;
 /// Index of the high-priority queue (FORGET, INTERRUPT).
+#[cfg(test)]
 pub const HIPRIO_QUEUE: usize = 0;
 /// Index of the (only) request queue.
+#[cfg(test)]
 pub const REQUEST_QUEUE: usize = 1;
 /// Length of the tag field of the config space, in bytes.
 pub const TAG_LEN: usize = 36;

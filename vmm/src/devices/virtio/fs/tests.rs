@@ -34,6 +34,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
+use crate::config::FsLimits;
 use crate::devices::virtio::{
     GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_FS, VIRTIO_MMIO_INT_VRING,
 };

@@ -49,8 +49,10 @@ use super::super::device_worker::{check_activation, read_config_bytes, DeviceWor
 use super::super::used_ring::{add_used, notify_used};
 use super::super::{ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_NET};
 use super::tap::{NetBackend, Tap};
+#[cfg(any(test, feature = "fuzzing"))]
+use super::NetStats;
 use super::{
-    format_mac, net_warn_rl, LogLimiter, NetError, NetStats, Stats, MAX_FRAME_LEN, MIN_FRAME_LEN,
+    format_mac, net_warn_rl, LogLimiter, NetError, Stats, MAX_FRAME_LEN, MIN_FRAME_LEN,
     VNET_HDR_LEN,
 };
 use crate::confine::{self, Role};
@@ -181,24 +183,29 @@ impl Net {
         Ok(self)
     }
 
+    #[cfg(test)]
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
 
+    #[cfg(test)]
     pub fn mtu(&self) -> Option<u16> {
         self.mtu
     }
 
     /// The backend's name (the tap's interface name).
+    #[cfg(test)]
     pub fn backend_name(&self) -> &str {
         &self.backend_name
     }
 
+    #[cfg(test)]
     pub fn is_active(&self) -> bool {
         self.worker.is_some()
     }
 
     /// The device's counters (kept across resets).
+    #[cfg(test)]
     pub fn stats(&self) -> NetStats {
         self.stats.snapshot()
     }

@@ -26,9 +26,13 @@ mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use device::{Net, MIN_MTU, QUEUE_SIZE};
+pub use device::Net;
+#[cfg(any(test, feature = "fuzzing"))]
+pub use device::MIN_MTU;
 pub use netns::in_netns;
-pub use tap::{set_link_up, NetBackend, Tap};
+#[cfg(test)]
+pub use tap::set_link_up;
+pub use tap::{NetBackend, Tap};
 
 /// Length of the `virtio_net_hdr_v1` in front of every frame (VERSION_1:
 /// always 12 bytes, `num_buffers` included).
@@ -101,6 +105,7 @@ impl Stats {
         c.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn snapshot(&self) -> NetStats {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         NetStats {
@@ -117,8 +122,9 @@ impl Stats {
     }
 }
 
-/// A snapshot of a device's counters (see [`Net::stats`]). Bytes count
-/// Ethernet frames without the vnet header.
+/// A snapshot of a device's counters (see `Net::stats`, tests and fuzz
+/// targets only). Bytes count Ethernet frames without the vnet header.
+#[cfg(any(test, feature = "fuzzing"))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetStats {
     /// Guest frames written to the backend.

@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -100,7 +100,7 @@ impl Tap {
     /// Creates the tap `name` in the calling thread's network namespace,
     /// or attaches to an existing persistent tap of that name (which must
     /// not be attached to another file: `EBUSY`). The interface is left
-    /// administratively down: bring it up with [`set_link_up`].
+    /// administratively down: bring it up (netlink, or `set_link_up` in tests).
     pub fn open(name: &str) -> Result<Tap, NetError> {
         validate_ifname(name)?;
         let err = |op: &'static str| {
@@ -212,8 +212,11 @@ impl NetBackend for Tap {
 }
 
 /// Sets `IFF_UP` on the interface `name` of the calling thread's network
-/// namespace (run it through [`netns::in_netns`] for another one).
+/// namespace (run it through [`netns::in_netns`] for another one). The
+/// shim brings taps up with netlink; the device tests use this.
+#[cfg(test)]
 pub fn set_link_up(name: &str) -> io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     validate_ifname(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: plain socket creation; the result is checked.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

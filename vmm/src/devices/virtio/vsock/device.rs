@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -116,14 +116,7 @@ impl Vsock {
         })
     }
 
-    pub fn guest_cid(&self) -> u64 {
-        self.guest_cid
-    }
-
-    pub fn uds_path(&self) -> &Path {
-        &self.uds_path
-    }
-
+    #[cfg(test)]
     pub fn is_active(&self) -> bool {
         self.worker.is_some()
     }

@@ -60,7 +60,7 @@ pub struct Header {
 
 impl Header {
     /// Encodes the header as the 44 little-endian bytes of the wire format.
-    pub fn to_bytes(&self) -> [u8; HDR_SIZE] {
+    pub fn to_bytes(self) -> [u8; HDR_SIZE] {
         let mut b = [0u8; HDR_SIZE];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
         b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
@@ -76,6 +76,7 @@ impl Header {
     }
 
     /// Decodes the wire format.
+    #[cfg(test)]
     pub fn from_bytes(b: &[u8; HDR_SIZE]) -> Self {
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];

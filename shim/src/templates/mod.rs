@@ -1,7 +1,9 @@
-//! Pod VMs from templates: [`boot_or_restore`] is how a pod's VM comes up.
+//! VM templates, policy and store in one place: [`boot_or_restore`] is how
+//! a pod's VM comes up; [`TemplateStore`] is the directory of templates
+//! (`template_dir`) that it and `ember templates` use.
 //!
 //! The first pod of an identity (kernel, initrd with the agent, VM shape;
-//! [`TemplateStore::identity`]) boots cold ([`super::boot`]), and once its
+//! [`identity()`]) boots cold ([`crate::sandbox::boot`]), and once its
 //! agent answers the VM is snapshotted into the template store and this
 //! pod's VM is restored from the new template (taking a snapshot ends the
 //! VM). Later pods of that identity restore from the template, which takes
@@ -10,9 +12,9 @@
 //! template.
 //!
 //! Every VM, restored or not, is then made the pod's own
-//! ([`super::boot::personalize`]): clock, fresh entropy with a CRNG reseed,
-//! hostname. The vsock device already reset the guest's transport at
-//! restore, so no connection of the template survives.
+//! ([`crate::sandbox::boot::personalize`]): clock, fresh entropy with a
+//! CRNG reseed, hostname. The vsock device already reset the guest's
+//! transport at restore, so no connection of the template survives.
 //!
 //! A template that cannot be used — another identity or format version,
 //! truncated or corrupted, a restore that fails, an agent that does not
@@ -22,94 +24,41 @@
 //! its identity broken
 //! (`.broken-<identity>` in the store, removed by `ember templates drop`),
 //! so later pods boot cold instead of making it again.
+//!
+//! The VMM only snapshots a VM into [`SnapshotFiles`] and restores one from
+//! them (checking its own format and checksums); which template a pod
+//! uses, and when one is made or thrown away, is decided here:
+//! - `identity.rs`: what a template is valid for ([`identity()`]);
+//! - `store.rs`: the directory, staging and commit, broken marks
+//!   ([`TemplateStore`]);
+//! - `lock.rs`: one pod at a time makes a template;
+//! - `fault.rs`: whether a failed restore is the template's fault;
+//! - `report.rs`: what a launch did, phase by phase ([`LaunchReport`]);
+//! - `private.rs`: the store's files are root's alone.
 
-use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+mod fault;
+mod identity;
+mod lock;
+mod private;
+mod report;
+mod store;
+
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ember_vmm::snapshot::store::TemplateStore;
 use ember_vmm::timing::fmt_duration;
-use ember_vmm::{SnapshotFiles, Vm, VmConfig, VmError};
+use ember_vmm::{SnapshotFiles, Vm, VmConfig};
 
-use super::boot::{self, await_agent, personalize, start_vm, BootError, BootReport, BootedVm};
+pub use self::identity::identity;
+pub use self::report::{LaunchReport, Origin};
+pub use self::store::{StoreError, TemplateInfo, TemplateStore};
+
+use self::fault::RestoreError;
+use self::lock::{lock, LOCK_POLL};
 use crate::config::Config;
-
-/// Pause between attempts to take a busy template lock.
-const LOCK_POLL: Duration = Duration::from_millis(500);
-
-/// How the VM came to be.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// Booted, templates off or unusable (the reason is logged).
-    Cold,
-    /// Restored from template `identity`; `created` when this pod booted
-    /// the VM the template was made of.
-    Restored { identity: String, created: bool },
-}
-
-/// How long each phase of bringing up a pod's VM took.
-#[derive(Debug, Clone)]
-pub struct LaunchReport {
-    pub origin: Origin,
-    /// Computing the template identity (hashing kernel and initrd unless
-    /// their digests are cached).
-    pub identity: Option<Duration>,
-    /// Waiting for another pod making the same template.
-    pub lock_wait: Option<Duration>,
-    /// The cold boot, if there was one (the last one, after a fallback).
-    pub cold: Option<BootReport>,
-    /// Writing the template.
-    pub snapshot: Option<Duration>,
-    /// Restoring: VMM setup from the template files.
-    pub restore: Option<Duration>,
-    /// Restore start to the agent answering.
-    pub restore_agent: Option<Duration>,
-    /// Clock, entropy and hostname.
-    pub personalize: Duration,
-    /// Everything, from the call to a usable VM.
-    pub total: Duration,
-}
-
-impl std::fmt::Display for LaunchReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let d = |d: Option<Duration>| fmt_duration(d);
-        match &self.origin {
-            Origin::Cold => write!(f, "cold boot")?,
-            Origin::Restored {
-                identity,
-                created: false,
-            } => write!(f, "restored from template {identity}")?,
-            Origin::Restored {
-                identity,
-                created: true,
-            } => write!(f, "booted, made template {identity}, restored")?,
-        }
-        write!(f, ": total={}", d(Some(self.total)))?;
-        if self.identity.is_some() {
-            write!(f, " identity={}", d(self.identity))?;
-        }
-        if self.lock_wait.is_some() {
-            write!(f, " template-lock-wait={}", d(self.lock_wait))?;
-        }
-        if let Some(cold) = &self.cold {
-            write!(f, " [boot {cold}]")?;
-        }
-        if self.snapshot.is_some() {
-            write!(f, " snapshot={}", d(self.snapshot))?;
-        }
-        if self.restore.is_some() {
-            write!(
-                f,
-                " restore={} restore-to-agent={}",
-                d(self.restore),
-                d(self.restore_agent)
-            )?;
-        }
-        write!(f, " personalize={}", d(Some(self.personalize)))
-    }
-}
+use crate::sandbox::boot::{
+    self, await_agent, personalize, start_vm, BootError, BootReport, BootedVm,
+};
 
 /// A pod's VM, its agent answering, made the pod's own.
 pub struct Launched {
@@ -208,7 +157,7 @@ async fn from_template(
             }
         }
     }
-    if broken_marker(&store, &identity).exists() {
+    if store.is_broken(&identity) {
         tracing::info!(
             template = %identity,
             "a template of this identity failed right after it was made; booting cold \
@@ -264,7 +213,7 @@ async fn from_template(
                 "making the VM template failed: {e:#}; booting this pod cold, marking the \
                  identity broken (later pods boot cold until `ember templates drop`)"
             );
-            if let Err(e) = mark_broken(&store, &identity) {
+            if let Err(e) = store.mark_broken(&identity) {
                 tracing::warn!("marking template {identity} broken: {e}");
             }
             drop(lock);
@@ -287,7 +236,7 @@ async fn from_template(
                     "the template was made moments ago: marking its identity broken, \
                      later pods boot cold until `ember templates drop`"
                 );
-                if let Err(e) = mark_broken(&store, &identity) {
+                if let Err(e) = store.mark_broken(&identity) {
                     tracing::warn!("marking template {identity} broken: {e}");
                 }
             }
@@ -331,47 +280,6 @@ async fn make_template(
         "VM template written"
     );
     Ok(files)
-}
-
-/// Why a restore failed.
-#[derive(Debug)]
-enum RestoreError {
-    /// The template, or the guest in it, is unusable: discard it.
-    Template(anyhow::Error),
-    /// This pod's own host resources (socket, share, tap, console log) or
-    /// the host's KVM: the template is not at fault and is kept.
-    Pod(anyhow::Error),
-}
-
-impl std::fmt::Display for RestoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RestoreError::Template(e) | RestoreError::Pod(e) => write!(f, "{e:#}"),
-        }
-    }
-}
-
-impl From<VmError> for RestoreError {
-    fn from(e: VmError) -> Self {
-        let pod_side = matches!(
-            e,
-            VmError::Config(_)
-                | VmError::Kvm(_)
-                | VmError::ConsoleLog { .. }
-                | VmError::Vsock(_)
-                | VmError::Net { .. }
-                | VmError::Fs { .. }
-                | VmError::OutOfIrqs
-                | VmError::Io { .. }
-                | VmError::Join(_)
-        );
-        let e = anyhow::Error::from(e).context("restoring the VM");
-        if pod_side {
-            RestoreError::Pod(e)
-        } else {
-            RestoreError::Template(e)
-        }
-    }
 }
 
 /// Logs why a template could not be used and discards it if it is at
@@ -452,136 +360,5 @@ async fn restore(
 fn discard(store: &TemplateStore, identity: &str) {
     if let Err(e) = store.discard(identity) {
         tracing::error!(template = %identity, "discarding the VM template: {e}");
-    }
-}
-
-fn broken_marker(store: &TemplateStore, identity: &str) -> PathBuf {
-    store.dir().join(format!(".broken-{identity}"))
-}
-
-/// Files of the store are 0600 whatever the umask, as its templates are.
-fn private_file() -> std::fs::OpenOptions {
-    let mut o = std::fs::OpenOptions::new();
-    o.create(true).truncate(false).write(true).mode(0o600);
-    o
-}
-
-fn mark_broken(store: &TemplateStore, identity: &str) -> std::io::Result<File> {
-    private_file().open(broken_marker(store, identity))
-}
-
-/// An exclusive flock on `<store>/.lock-<identity>`, released on drop (and
-/// by the kernel if this process dies).
-struct TemplateLock {
-    _file: File,
-}
-
-fn try_flock(path: &Path) -> anyhow::Result<Option<TemplateLock>> {
-    use std::os::fd::AsRawFd;
-    let file = private_file()
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd this function owns; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(Some(TemplateLock { _file: file }));
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(None)
-    } else {
-        Err(e).with_context(|| format!("locking {}", path.display()))
-    }
-}
-
-async fn lock(
-    store: &TemplateStore,
-    identity: &str,
-    timeout: Duration,
-) -> anyhow::Result<TemplateLock> {
-    // Templates hold guest memory: only root reads them (0700 whatever
-    // the umask, and an older 0755 store is fixed).
-    store
-        .create_dir()
-        .with_context(|| format!("creating {}", store.dir().display()))?;
-    let path = store.dir().join(format!(".lock-{identity}"));
-    let deadline = Instant::now() + timeout;
-    let mut logged = false;
-    loop {
-        if let Some(lock) = try_flock(&path)? {
-            return Ok(lock);
-        }
-        if !logged {
-            tracing::info!(template = %identity, "another pod is making this VM template; waiting for it");
-            logged = true;
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!(
-                "{} still locked after {timeout:?} (another pod making the template)",
-                path.display()
-            );
-        }
-        tokio::time::sleep(LOCK_POLL).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_template_lock_is_exclusive_and_released_on_drop() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = TemplateStore::new(dir.path().join("templates"));
-        let held = lock(&store, "abc", Duration::from_secs(1)).await.unwrap();
-        let err = lock(&store, "abc", Duration::from_millis(10))
-            .await
-            .err()
-            .unwrap();
-        assert!(format!("{err:#}").contains("still locked"), "{err:#}");
-        // Another identity has its own lock.
-        let _other = lock(&store, "def", Duration::from_secs(1)).await.unwrap();
-        drop(held);
-        lock(&store, "abc", Duration::from_secs(1)).await.unwrap();
-        assert!(store.list().is_empty(), "lock files are not templates");
-    }
-
-    #[test]
-    fn only_template_faults_discard_the_template() {
-        use ember_vmm::snapshot::SnapshotError;
-        let bad = VmError::Snapshot(SnapshotError::Checksum("/t/state".into()));
-        assert!(matches!(RestoreError::from(bad), RestoreError::Template(_)));
-        let pod = VmError::Net {
-            tap: "tap0".into(),
-            source: ember_vmm::devices::virtio::net::NetError::InvalidMtu(1),
-        };
-        let e = RestoreError::from(pod);
-        assert!(matches!(e, RestoreError::Pod(_)));
-        assert!(e.to_string().contains("tap0"), "{e}");
-    }
-
-    #[test]
-    fn the_report_names_the_origin_and_phases() {
-        let mut r = LaunchReport {
-            origin: Origin::Restored {
-                identity: "0123abcd".into(),
-                created: false,
-            },
-            identity: Some(Duration::from_millis(80)),
-            lock_wait: None,
-            cold: None,
-            snapshot: None,
-            restore: Some(Duration::from_millis(30)),
-            restore_agent: Some(Duration::from_millis(700)),
-            personalize: Duration::from_millis(40),
-            total: Duration::from_millis(850),
-        };
-        let s = r.to_string();
-        assert!(s.starts_with("restored from template 0123abcd"), "{s}");
-        assert!(s.contains("restore=") && s.contains("personalize="), "{s}");
-        assert!(!s.contains("snapshot="), "{s}");
-        r.origin = Origin::Cold;
-        r.restore = None;
-        assert!(r.to_string().starts_with("cold boot"));
     }
 }
