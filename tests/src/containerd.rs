@@ -113,6 +113,22 @@ impl ContainerdVersion {
     }
 }
 
+/// Why a VM test of something only containerd 2.x has (`feature`, e.g.
+/// "task API v3") cannot run here: a VM prerequisite is missing, or the
+/// containerd under test is 1.x. Panics if the version cannot be read.
+pub fn containerd2_vm_test_missing(feature: &str) -> Option<String> {
+    if let Some(why) = crate::vm_prerequisites_missing() {
+        return Some(why);
+    }
+    match ContainerdVersion::of_containerd_bin() {
+        Ok(v) if v.major >= 2 => None,
+        Ok(v) => Some(format!(
+            "containerd {v} has no {feature}; set EMBER_CONTAINERD to a 2.x binary (deploy/containerd2.sh)"
+        )),
+        Err(e) => panic!("containerd version: {e:#}"),
+    }
+}
+
 impl std::fmt::Display for ContainerdVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.major, self.minor)

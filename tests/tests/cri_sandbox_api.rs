@@ -2,18 +2,23 @@
 //! containerd 2.x), through real CRI calls: the pod's VM is the sandbox.
 //! RunPodSandbox reaches the shim's CreateSandbox/StartSandbox (no pause
 //! container anywhere), containers join the VM, the VM outlives its last
-//! container until StopPodSandbox, and RemovePodSandbox ends the shim.
+//! container until StopPodSandbox, and RemovePodSandbox ends the shim. A
+//! second pod (restored from the template the first made) loses its shim
+//! to SIGKILL: it reads NOTREADY, and Stop and Remove still clean up
+//! (containerd #8367).
 //!
 //! Needs containerd 2.x: run with `EMBER_CONTAINERD=<containerd 2.x>`
 //! (`deploy/test.sh` runs it against Debian's 2.1.9 from
-//! `deploy/containerd2.sh`); with 1.x it is skipped, loudly. One VM boot.
+//! `deploy/containerd2.sh`); with 1.x it is skipped, loudly. One VM boot, one restore.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ember_e2e::containerd::{Containerd, ContainerdVersion, Options, EMBER_SANDBOX_API_HANDLER};
+use ember_e2e::containerd::{
+    containerd2_vm_test_missing, mounts_under, Containerd, Options, EMBER_SANDBOX_API_HANDLER,
+};
 use ember_e2e::cri::{container_config, pod_config, CniNetwork, Cri, PodNetwork};
 use ember_e2e::image::BUSYBOX_IMAGE;
 use k8s_cri::v1 as api;
@@ -51,17 +56,8 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Re
 
 #[test]
 fn the_pod_vm_is_containerds_sandbox() {
-    if let Some(why) = ember_e2e::vm_prerequisites_missing() {
+    if let Some(why) = containerd2_vm_test_missing("Sandbox API for shims") {
         return skip(&why);
-    }
-    match ContainerdVersion::of_containerd_bin() {
-        Ok(v) if v.major >= 2 => {}
-        Ok(v) => {
-            return skip(&format!(
-                "containerd {v} has no Sandbox API for shims; set EMBER_CONTAINERD to a 2.x binary (deploy/containerd2.sh)"
-            ))
-        }
-        Err(e) => panic!("containerd version: {e:#}"),
     }
     let cni = CniNetwork::pick(NET_NAME, NET_BRIDGE_BASE, NET_SUBNET_BASE, NET_SLOTS)
         .expect("CNI network");
@@ -200,6 +196,44 @@ fn cases(ctrd: &Containerd, cri: &Cri, cni: &CniNetwork) -> Result<()> {
         "the pod's state directory is left"
     );
     println!("[cri_sandbox_api] stopped and removed: shim gone");
+
+    // A shim that dies under a running sandbox (the VM is in it, so the
+    // VM dies too): PodSandboxStatus says NOTREADY instead of failing
+    // (containerd #8367), and StopPodSandbox and RemovePodSandbox still
+    // clean up, with `<shim> delete` removing what the dead shim left.
+    let crash_logs = ctrd.dir().join("pods").join("sbcrash");
+    std::fs::create_dir_all(&crash_logs)?;
+    let uid = format!("sbcrash-0000-4000-8000-{:012x}", std::process::id());
+    let config = pod_config("sbcrash", "e2e", &uid, &crash_logs, PodNetwork::Pod);
+    let t0 = Instant::now();
+    let crashed = cri.run_pod_timeout(&config, EMBER_SANDBOX_API_HANDLER, BOOT)?;
+    println!(
+        "[cri_sandbox_api] second pod (from the template): {:.2}s, id {crashed}",
+        t0.elapsed().as_secs_f64()
+    );
+    let shims = shims_of(ctrd, &crashed);
+    ensure!(shims.len() == 1, "serving shims of the pod: {shims:?}");
+    // SAFETY: kill(2) on the shim's pid, found by its command line.
+    let killed = unsafe { libc::kill(shims[0], libc::SIGKILL) };
+    ensure!(killed == 0, "kill {}", shims[0]);
+    wait_until("PodSandboxStatus says NOTREADY", WAIT, || {
+        cri.pod_status(&crashed)
+            .is_ok_and(|st| st.state == api::PodSandboxState::SandboxNotready as i32)
+    })?;
+    cri.stop_pod(&crashed)?;
+    cri.remove_pod(&crashed)?;
+    let state_dir = Path::new("/run/ember/k8s.io").join(&crashed);
+    wait_until(
+        "the dead shim's state is removed",
+        Duration::from_secs(60),
+        || !state_dir.exists(),
+    )?;
+    ensure!(
+        mounts_under(&state_dir).is_empty(),
+        "mounts left under {}",
+        state_dir.display()
+    );
+    println!("[cri_sandbox_api] a killed shim: NOTREADY, then stopped and removed; nothing left");
 
     // A host-network pod is not tried here: containerd 2.1.9 itself
     // crashes on one under `sandboxer = "shim"` (a nil pointer in

@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use ember_e2e::containerd::{Containerd, ContainerdVersion, Options};
+use ember_e2e::containerd::{containerd2_vm_test_missing, Containerd, Options};
 use ember_e2e::image::BUSYBOX_IMAGE;
 
 const ID: &str = "v3";
@@ -49,17 +49,8 @@ fn v3_wrapper(dir: &Path, shim: &Path) -> std::path::PathBuf {
 
 #[test]
 fn containerd_2_drives_a_container_over_task_api_v3() {
-    if let Some(why) = ember_e2e::vm_prerequisites_missing() {
+    if let Some(why) = containerd2_vm_test_missing("task API v3") {
         return skip(&why);
-    }
-    match ContainerdVersion::of_containerd_bin() {
-        Ok(v) if v.major >= 2 => {}
-        Ok(v) => {
-            return skip(&format!(
-                "containerd {v} has no task API v3; set EMBER_CONTAINERD to a 2.x binary (deploy/containerd2.sh)"
-            ))
-        }
-        Err(e) => panic!("containerd version: {e:#}"),
     }
     let mut opts = Options::with_ember().expect("containerd-shim-ember-v2 is built");
     opts.import_into = vec!["default".into()];
