@@ -122,8 +122,17 @@ impl Error {
     }
 }
 
+/// What containerd is answered. Every error a call returns passes here
+/// once, so it is logged here, in the span of the call (its method,
+/// container and exec, from `#[tracing::instrument]`): NOT_FOUND at debug,
+/// as it is routine (CRI kills every finished exec, containerd deletes
+/// after a failed create), anything else as a warning.
 impl From<Error> for ttrpc::Error {
     fn from(e: Error) -> Self {
+        match &e {
+            Error::NotFound(_) => tracing::debug!("{e}"),
+            _ => tracing::warn!("{e}"),
+        }
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
     }
 }

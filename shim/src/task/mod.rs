@@ -72,18 +72,6 @@ pub async fn read_bundle_spec(bundle: &std::path::Path) -> Result<serde_json::Va
         .map_err(|e| Error::invalid(format!("parsing {}: {e}", path.display())))
 }
 
-fn log_result<T>(method: &str, id: &str, exec_id: &str, r: &Result<T>) {
-    match r {
-        // Routine: CRI kills every finished exec, containerd deletes
-        // after a failed create.
-        Err(e @ Error::NotFound(_)) => {
-            tracing::debug!(container = %id, exec = %exec_id, "{method}: {e}")
-        }
-        Err(e) => tracing::warn!(container = %id, exec = %exec_id, "{method}: {e}"),
-        Ok(_) => {}
-    }
-}
-
 /// What a host-network pod is told.
 pub const HOST_NETWORK_REFUSED: &str = "host-network pods are not supported by the Ember runtime: \
     each pod runs in its own VM, which cannot share the node's network namespace; \
@@ -200,57 +188,39 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
-        let id = req.id.clone();
-        let r = self.do_create(req).await;
-        log_result("Create", &id, "", &r);
-        Ok(r?)
+        Ok(self.do_create(req).await?)
     }
 
     #[tracing::instrument(name = "Start", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id))]
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
-        let r = async {
-            let sb = self.pod.find(&req.id)?;
-            let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-            let pid = tokio::spawn(async move { sb.start(&id, &exec_id).await })
-                .await
-                .map_err(|e| Error::Internal(anyhow::anyhow!("start task failed: {e}")))??;
-            if req.exec_id.is_empty() {
-                self.pod.hooks.poststart(&req.id).await;
-            }
-            Ok(StartResponse {
-                pid,
-                ..Default::default()
-            })
+        let sb = self.pod.find(&req.id)?;
+        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+        let pid = tokio::spawn(async move { sb.start(&id, &exec_id).await })
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("start task failed: {e}")))??;
+        if req.exec_id.is_empty() {
+            self.pod.hooks.poststart(&req.id).await;
         }
-        .await;
-        log_result("Start", &req.id, &req.exec_id, &r);
-        Ok(r?)
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     #[tracing::instrument(name = "Exec", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id, terminal = req.terminal))]
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            let sb = self.pod.find(&req.id)?;
-            let spec = convert::any_json(&req.spec, "the exec process spec")?;
-            let stdio = convert::stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-            sb.add_exec(&req.id, &req.exec_id, stdio, spec).await?;
-            Ok(Empty::default())
-        }
-        .await;
-        log_result("Exec", &req.id, &req.exec_id, &r);
-        Ok(r?)
+        let sb = self.pod.find(&req.id)?;
+        let spec = convert::any_json(&req.spec, "the exec process spec")?;
+        let stdio = convert::stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        sb.add_exec(&req.id, &req.exec_id, stdio, spec).await?;
+        Ok(Empty::default())
     }
 
     #[tracing::instrument(name = "Kill", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all))]
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            let sb = self.pod.find(&req.id)?;
-            sb.kill(&req.id, &req.exec_id, req.signal, req.all).await?;
-            Ok(Empty::default())
-        }
-        .await;
-        log_result("Kill", &req.id, &req.exec_id, &r);
-        Ok(r?)
+        let sb = self.pod.find(&req.id)?;
+        sb.kill(&req.id, &req.exec_id, req.signal, req.all).await?;
+        Ok(Empty::default())
     }
 
     #[tracing::instrument(name = "Wait", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id))]
@@ -261,90 +231,62 @@ impl Task for TaskService {
 
     #[tracing::instrument(name = "Delete", level = "info", skip_all, fields(container = %req.id, exec = %req.exec_id))]
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
-        let r = self.do_delete(&req).await;
-        log_result("Delete", &req.id, &req.exec_id, &r);
-        Ok(r?)
+        Ok(self.do_delete(&req).await?)
     }
 
+    #[tracing::instrument(name = "State", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id))]
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         Ok(self.do_state(&req).await?)
     }
 
+    #[tracing::instrument(name = "Pids", level = "debug", skip_all, fields(container = %req.id))]
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let r = self.do_pids(&req).await;
-        log_result("Pids", &req.id, "", &r);
-        Ok(r?)
+        Ok(self.do_pids(&req).await?)
     }
 
     #[tracing::instrument(name = "Pause", level = "info", skip_all, fields(container = %req.id))]
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            self.pod.find(&req.id)?.pause(&req.id).await?;
-            Ok(Empty::default())
-        }
-        .await;
-        log_result("Pause", &req.id, "", &r);
-        Ok(r?)
+        self.pod.find(&req.id)?.pause(&req.id).await?;
+        Ok(Empty::default())
     }
 
     #[tracing::instrument(name = "Resume", level = "info", skip_all, fields(container = %req.id))]
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            self.pod.find(&req.id)?.resume(&req.id).await?;
-            Ok(Empty::default())
-        }
-        .await;
-        log_result("Resume", &req.id, "", &r);
-        Ok(r?)
+        self.pod.find(&req.id)?.resume(&req.id).await?;
+        Ok(Empty::default())
     }
 
     #[tracing::instrument(name = "Update", level = "info", skip_all, fields(container = %req.id))]
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            let sb = self.pod.find(&req.id)?;
-            let resources = convert::any_json(&req.resources, "the resources")?;
-            sb.update(&req.id, resources).await?;
-            Ok(Empty::default())
-        }
-        .await;
-        log_result("Update", &req.id, "", &r);
-        Ok(r?)
+        let sb = self.pod.find(&req.id)?;
+        let resources = convert::any_json(&req.resources, "the resources")?;
+        sb.update(&req.id, resources).await?;
+        Ok(Empty::default())
     }
 
+    #[tracing::instrument(name = "Stats", level = "debug", skip_all, fields(container = %req.id))]
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        let r = self.do_stats(&req).await;
-        log_result("Stats", &req.id, "", &r);
-        Ok(r?)
+        Ok(self.do_stats(&req).await?)
     }
 
     #[tracing::instrument(name = "ResizePty", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id, width = req.width, height = req.height))]
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        let r = async {
-            self.pod
-                .find(&req.id)?
-                .resize_pty(&req.id, &req.exec_id, req.width, req.height)
-                .await?;
-            Ok(Empty::default())
-        }
-        .await;
-        log_result("ResizePty", &req.id, &req.exec_id, &r);
-        Ok(r?)
+        self.pod
+            .find(&req.id)?
+            .resize_pty(&req.id, &req.exec_id, req.width, req.height)
+            .await?;
+        Ok(Empty::default())
     }
 
     #[tracing::instrument(name = "CloseIO", level = "debug", skip_all, fields(container = %req.id, exec = %req.exec_id, stdin = req.stdin))]
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        let r = async {
-            if req.stdin {
-                self.pod
-                    .find(&req.id)?
-                    .close_stdin(&req.id, &req.exec_id)
-                    .await?;
-            }
-            Ok(Empty::default())
+        if req.stdin {
+            self.pod
+                .find(&req.id)?
+                .close_stdin(&req.id, &req.exec_id)
+                .await?;
         }
-        .await;
-        log_result("CloseIO", &req.id, &req.exec_id, &r);
-        Ok(r?)
+        Ok(Empty::default())
     }
 
     async fn checkpoint(
