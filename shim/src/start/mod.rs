@@ -151,14 +151,17 @@ async fn start(flags: Flags) -> i32 {
         Err(_) => "info".into(),
     };
     logging::init_shim("start", debug, &level);
+    let max_version = max_shim_version();
     tracing::info!(
         container = %flags.id,
-        max_shim_version = ?std::env::var(MAX_SHIM_VERSION_ENV).ok(),
+        max_shim_version = ?max_version,
         "start: stdin held {}",
         input.describe()
     );
     let result = match selected {
-        Ok(selected) => run_start(&flags, &input, &selected, debug).await,
+        Ok(selected) => run_start(&flags, &input, &selected, debug)
+            .await
+            .map(|address| Reply::for_input(&input, address, max_version)),
         Err(e) => Err(e),
     };
     match result {
@@ -261,12 +264,13 @@ pub fn recorded_address(bundle: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Finds the pod's serving shim or spawns it; returns its address.
 async fn run_start(
     flags: &Flags,
     input: &StartInput,
     selected: &HandlerConfig,
     debug: bool,
-) -> anyhow::Result<Reply> {
+) -> anyhow::Result<String> {
     let bootstrap = match input {
         StartInput::Bootstrap(p) => Some(p.as_ref()),
         _ => None,
@@ -330,7 +334,7 @@ async fn run_start(
     tokio::fs::write(ADDRESS_FILE, &socket)
         .await
         .context("writing the address file")?;
-    Ok(Reply::for_input(input, socket, max_shim_version()))
+    Ok(socket)
 }
 
 /// The command-line value, else the bootstrap one.
